@@ -1,0 +1,799 @@
+"""A generic multithreaded TCP server: the CHICKEN tcp-server egg for Python.
+
+For every connection a thread runs a *thunk*, a function of no arguments,
+with ``sys.stdin`` and ``sys.stdout`` bound to the connection for that
+thread only, so ``print()`` and ``input()`` talk to the client::
+
+    import time
+    import tcpserver
+
+    def daytime():
+        print(time.ctime())
+
+    server = tcpserver.make_tcp_server(6504, daytime)
+    server(debug=True)          # serves until server.shutdown()
+
+The server is a ``socketserver.ThreadingTCPServer`` and keeps its name, so
+legacy code swaps ``socketserver.`` for ``tcpserver.`` and gets a limit on
+concurrent requests, diagnostics and a hard close of failed connections.
+
+The file reads top to bottom:
+
+- hooks: tcp_listen(), tcp_accept(), tcp_addresses(), tcp_abandon();
+- per-thread standard streams and current_connection();
+- the handler adapter, ThunkHandler;
+- the server, ThreadingTCPServer;
+- the factory, make_tcp_server().
+
+Thread model: serve_forever() runs the accept loop in the caller's thread.
+Before each accept it waits for one of max_requests slots, so clients
+beyond the limit wait in the kernel's listen queue, in order.  Each
+accepted connection gets a thread of its own, which computes the
+addresses, runs the handler (for ThunkHandler: the thunk) and closes the
+connection; closing gives the slot back.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "DEFAULT_MAX_REQUESTS",
+    "DEFAULT_PREFIX",
+    "ThreadingTCPServer",
+    "ThunkHandler",
+    "current_connection",
+    "make_tcp_server",
+    "tcp_abandon",
+    "tcp_accept",
+    "tcp_addresses",
+    "tcp_listen",
+]
+
+import io
+import logging
+import socket
+import socketserver
+import struct
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional, Tuple, Union
+
+#: Listen queue length of tcp_listen() and ThreadingTCPServer: as long as
+#: the OS allows, so clients waiting for a slot are queued, not refused.
+DEFAULT_BACKLOG = socket.SOMAXCONN
+
+#: The egg's default for MAXREQUESTS, used by make_tcp_server().
+DEFAULT_MAX_REQUESTS = 10000
+
+#: The egg's default prefix of diagnostic lines: ``[tcp-server] ...``.
+DEFAULT_PREFIX = "tcp-server"
+
+logger = logging.getLogger("tcpserver")
+
+Address = Tuple[Any, ...]
+Thunk = Callable[[], Any]
+
+
+def _check_int(name: str, value: object, minimum: int, maximum: int,
+               expected: str) -> None:
+    """Raise TypeError or ValueError unless value is an int in [minimum, maximum].
+
+    expected completes the message: "port must be <expected>, not 70000".
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("%s must be %s, not %s"
+                        % (name, expected, type(value).__name__))
+    if not minimum <= value <= maximum:
+        raise ValueError("%s must be %s, not %r" % (name, expected, value))
+
+
+def _check_max_requests(value: object) -> None:
+    _check_int("max_requests", value, 1, sys.maxsize, "a positive int or None")
+
+
+# ---------------------------------------------------------------------------
+# Hooks: the egg's primitive socket operations.  The server calls them
+# through its attributes accept_connection, get_addresses and
+# prepare_hard_close, so a subclass (or an instance) can replace them,
+# for instance to serve TLS.
+# ---------------------------------------------------------------------------
+
+def tcp_listen(port: int, backlog: int = DEFAULT_BACKLOG,
+               host: str = "") -> socket.socket:
+    """Return a TCP socket bound to (host, port) and listening: the egg's tcp-listen.
+
+    host="" listens on all interfaces, IPv6 and IPv4 together where the OS
+    allows a dual-stack socket, else IPv4 only.  Any other host is resolved
+    and the socket takes the family of its first address.  port=0 lets the
+    OS choose a free port; read it back with ``getsockname()[1]``.
+    SO_REUSEADDR is set (on POSIX), so a restarted server can bind at once.
+
+    Raises TypeError or ValueError for bad arguments, OSError if the
+    address cannot be bound (for instance, it is in use).  The caller
+    owns the socket; make_tcp_server() takes it over.
+    """
+    _check_int("port", port, 0, 65535, "an int in 0..65535")
+    _check_int("backlog", backlog, 0, sys.maxsize, "an int >= 0")
+    if not isinstance(host, str):
+        raise TypeError("host must be a str, not %s" % type(host).__name__)
+    if not host:
+        if socket.has_dualstack_ipv6():
+            return socket.create_server(("", port), family=socket.AF_INET6,
+                                        backlog=backlog, dualstack_ipv6=True)
+        return socket.create_server(("", port), backlog=backlog)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                flags=socket.AI_PASSIVE)[0][0]
+    return socket.create_server((host, port), family=family, backlog=backlog)
+
+
+def tcp_accept(listener: socket.socket) -> Tuple[socket.socket, Address]:
+    """Accept a connection on listener; return (conn, peer): the egg's tcp-accept.
+
+    The server calls it as ``self.accept_connection(self.socket)`` from
+    get_request(), in the accept thread, once a slot is free.  Keep it
+    quick: the next client waits until it returns.  OSError propagates.
+    """
+    return listener.accept()
+
+
+def _plain_address(address: Address) -> Address:
+    """Return an IPv4-mapped IPv6 address ('::ffff:1.2.3.4', ...) as IPv4."""
+    host = address[0] if isinstance(address, tuple) else ""
+    if isinstance(host, str) and host.startswith("::ffff:") and "." in host:
+        return (host[7:], address[1])
+    return address
+
+
+def tcp_addresses(conn: socket.socket) -> Tuple[Address, Address]:
+    """Return the (local, peer) addresses of a connection: the egg's tcp-addresses.
+
+    Addresses are as getsockname() and getpeername() give them, except that
+    IPv4 clients of a dual-stack listener appear as plain IPv4
+    (``('127.0.0.1', 5000)``, not ``('::ffff:127.0.0.1', 5000, 0, 0)``).
+    The server calls it as ``self.get_addresses(conn)`` in the connection's
+    own thread, before the handler runs: the peer becomes the handler's
+    client_address and the diagnostics' ADDRESS.  Raises OSError if the
+    client is already gone; the server then closes the connection.
+    """
+    return _plain_address(conn.getsockname()), _plain_address(conn.getpeername())
+
+
+def tcp_abandon(conn: socket.socket) -> None:
+    """Make the coming close() of conn send RST instead of FIN: the egg's tcp-abandon-port.
+
+    Sets SO_LINGER to (on, 0 seconds).  The server calls it as
+    ``self.prepare_hard_close(conn)`` in the connection's thread when the
+    handler raised, just before it closes the connection, so the client
+    sees a reset rather than an orderly end of a half-written reply.
+    OSError (the connection is already gone) is ignored by the server.
+    """
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                    struct.pack("ii", 1, 0))
+
+
+# ---------------------------------------------------------------------------
+# Per-thread standard streams.  While a thunk runs, sys.stdin and sys.stdout
+# are switches that hand each thread serving a connection that connection's
+# streams, and every other thread the streams that were there before.
+# ---------------------------------------------------------------------------
+
+class _Bound(threading.local):
+    """What a request thread is bound to; None in every other thread."""
+
+    handler = None  # type: Optional[ThunkHandler]
+    stdin = None  # type: Optional[io.TextIOWrapper]
+    stdout = None  # type: Optional[io.TextIOWrapper]
+    local_address = None  # type: Optional[Address]
+
+
+_bound = _Bound()
+
+
+class _ThreadStream:
+    """Stands in for sys.stdin or sys.stdout, choosing the stream per thread.
+
+    The hot methods are spelled out so that print() and input() pay one
+    thread-local lookup; anything else is forwarded by __getattr__.
+    """
+
+    def __init__(self, name: str, fallback: Any) -> None:
+        self.name = name            # "stdin" or "stdout"
+        self.fallback = fallback    # the stream other threads keep seeing
+
+    def current(self) -> Any:
+        """Return the stream the calling thread should use."""
+        return getattr(_bound, self.name) or self.fallback
+
+    def write(self, text: str) -> int:
+        return self.current().write(text)
+
+    def flush(self) -> None:
+        self.current().flush()
+
+    def readline(self, size: int = -1) -> str:
+        return self.current().readline(size)
+
+    def __iter__(self) -> Any:
+        return iter(self.current())
+
+    def __next__(self) -> str:
+        return next(self.current())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.current(), name)
+
+    def __repr__(self) -> str:
+        return "<tcpserver per-thread sys.%s, elsewhere %r>" % (
+            self.name, self.fallback)
+
+
+class _StreamSwitch:
+    """Installs the per-thread sys.stdin/sys.stdout while anyone needs them.
+
+    Each serving server and each running thunk holds one reference (use it
+    as a context manager).  The first reference installs the switches; the
+    last puts the original streams back, unless somebody else replaced
+    sys.stdin or sys.stdout meanwhile: their stream is then left alone.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._streams = []  # type: list
+
+    def __enter__(self) -> "_StreamSwitch":
+        with self._lock:
+            if self._users == 0:
+                self._streams = [_ThreadStream(name, getattr(sys, name))
+                                 for name in ("stdin", "stdout")]
+                for stream in self._streams:
+                    setattr(sys, stream.name, stream)
+            self._users += 1
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                for stream in self._streams:
+                    if getattr(sys, stream.name) is stream:
+                        setattr(sys, stream.name, stream.fallback)
+                self._streams = []
+
+
+_switch = _StreamSwitch()
+
+
+def current_connection() -> "ThunkHandler":
+    """Return the ThunkHandler serving the calling thread's connection.
+
+    Call it from a thunk to learn about its client, as the egg's thunks ask
+    their ports: ``client_address`` (the peer), ``local_address``,
+    ``server``, ``connection`` (the socket) and the streams ``stdin``,
+    ``stdout``, ``rfile``, ``wfile``.  Pass the handler (or its streams)
+    to threads the thunk starts: they are ordinary threads and see the
+    process-wide sys.stdin and sys.stdout, not the connection.
+
+    Raises RuntimeError in any thread that is not running a thunk.
+    """
+    handler = _bound.handler
+    if handler is None:
+        raise RuntimeError(
+            "current_connection() must be called from a thunk's own thread; "
+            "threads the thunk starts must be handed the connection")
+    return handler
+
+
+# ---------------------------------------------------------------------------
+# The handler adapter: runs in the connection's thread.
+# ---------------------------------------------------------------------------
+
+class _SocketReader(io.RawIOBase):
+    """Unbuffered reads from a socket that first flush the connection's output.
+
+    Flushing before the read that may block is what lets a thunk print a
+    prompt without a newline and then wait for the answer.  at_eof becomes
+    True once the client has closed its side.
+    """
+
+    def __init__(self, sock: socket.socket, output: io.TextIOBase) -> None:
+        super().__init__()
+        self._sock = sock
+        self._output = output
+        self.at_eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._output.closed:
+            self._output.flush()
+        count = self._sock.recv_into(buffer)
+        self.at_eof = count == 0
+        return count
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+class _SocketWriter(io.RawIOBase):
+    """Unbuffered writes to a socket, each one sent whole."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._sock.sendall(data)
+        with memoryview(data) as view:
+            return view.nbytes
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+
+class ThunkHandler(socketserver.StreamRequestHandler):
+    """Run the server's thunk with sys.stdin and sys.stdout on the connection.
+
+    For the thunk's thread only, ``sys.stdin`` and ``sys.stdout`` are text
+    streams on the connection (``self.stdin``, ``self.stdout``); their
+    ``.buffer`` attributes are the binary ``self.rfile`` and ``self.wfile``.
+    Output is flushed at every newline (unless line_buffering is False),
+    before every read that has to wait for the client, and when the thunk
+    returns.  An EOFError that escapes the thunk after the client closed its
+    side (input() at end of input) ends the request normally.  Any other
+    exception propagates to the server, which logs it and resets the
+    connection.
+
+    Class variables that may be overridden by subclasses:
+
+    - encoding: of both directions, "utf-8".
+    - decode_errors: what undecodable input becomes, "replace" (U+FFFD);
+      "strict" makes reads raise UnicodeDecodeError, "surrogateescape"
+      keeps the bytes.
+    - newline: written for each "\\n" printed; "\\n", or "\\r\\n" for line
+      protocols.  Input accepts "\\n", "\\r\\n" and "\\r" line ends.
+    - line_buffering: True flushes at every newline; False buffers output
+      in blocks of wbufsize bytes, for bulk output.
+    - rbufsize, wbufsize: sizes in bytes of the binary buffers.
+    - timeout, disable_nagle_algorithm: as in StreamRequestHandler; Nagle
+      is disabled so a flushed line leaves at once.
+
+    Instance variables: those of StreamRequestHandler, plus local_address,
+    stdin and stdout.
+    """
+
+    encoding = "utf-8"
+    decode_errors = "replace"
+    newline = "\n"
+    line_buffering = True
+    rbufsize = io.DEFAULT_BUFFER_SIZE
+    wbufsize = io.DEFAULT_BUFFER_SIZE
+    disable_nagle_algorithm = True
+
+    def setup(self) -> None:
+        """Make rfile, wfile and the text streams stdin, stdout on the connection."""
+        self.connection = self.request
+        self.local_address = _bound.local_address
+        if self.timeout is not None:
+            self.connection.settimeout(self.timeout)
+        if self.disable_nagle_algorithm:
+            self.connection.setsockopt(socket.IPPROTO_TCP,
+                                       socket.TCP_NODELAY, True)
+        self.wfile = io.BufferedWriter(_SocketWriter(self.connection),
+                                       self.wbufsize)
+        self.stdout = io.TextIOWrapper(self.wfile, encoding=self.encoding,
+                                       newline=self.newline,
+                                       line_buffering=self.line_buffering)
+        self.rfile = io.BufferedReader(
+            _SocketReader(self.connection, self.stdout), self.rbufsize)
+        self.stdin = io.TextIOWrapper(self.rfile, encoding=self.encoding,
+                                      errors=self.decode_errors)
+
+    def handle(self) -> None:
+        """Call the thunk with this thread's standard streams bound, then flush."""
+        with _switch:
+            _bound.handler, _bound.stdin, _bound.stdout = (
+                self, self.stdin, self.stdout)
+            try:
+                self.server.thunk()
+            except EOFError:
+                if not self.rfile.raw.at_eof:
+                    raise  # not the end of the client's input: a real error
+            finally:
+                _bound.handler = _bound.stdin = _bound.stdout = None
+        self.stdout.flush()
+
+    def finish(self) -> None:
+        """Flush what is left and close the streams; the server closes the socket."""
+        try:
+            self.stdout.close()
+        except OSError:
+            pass  # the client is gone; the server has been told by now
+        self.stdin.close()
+
+
+# ---------------------------------------------------------------------------
+# The server: the accept loop runs in serve_forever()'s thread, everything
+# per connection in that connection's thread.
+# ---------------------------------------------------------------------------
+
+class ThreadingTCPServer(socketserver.ThreadingTCPServer):
+    """A socketserver.ThreadingTCPServer with the egg's limit, diagnostics and hooks.
+
+    Used with any StreamRequestHandler subclass it serves as its parent
+    does, plus: at most max_requests requests at once (the others wait in
+    the listen queue), a listen queue of DEFAULT_BACKLOG, a reset (RST)
+    instead of an orderly close when the handler raises, no traceback when
+    the client has simply gone away, and diagnostics.  With ThunkHandler it
+    runs the thunk for every connection.
+
+    Methods for the caller: those of socketserver.ThreadingTCPServer, and
+
+    - __call__(debug=False): serve until shutdown(), the egg's way.
+
+    Methods that may be overridden: those of the parent, and the hooks
+
+    - accept_connection(listener) -> (conn, peer), default tcp_accept;
+    - get_addresses(conn) -> (local, peer), default tcp_addresses;
+    - prepare_hard_close(conn), default tcp_abandon;
+    - log(message): one diagnostic line.
+
+    Class variables that may be overridden by subclasses or instances:
+    those of the parent, and max_requests (None: no limit) and debug
+    (False, True for the prefix DEFAULT_PREFIX, or a prefix string).
+
+    Instance variables: those of the parent, and thunk.
+    """
+
+    request_queue_size = DEFAULT_BACKLOG
+    max_requests = None  # type: Optional[int]
+    debug = False  # type: Union[bool, str]
+    thunk = None  # type: Optional[Thunk]
+
+    accept_connection = staticmethod(tcp_accept)
+    get_addresses = staticmethod(tcp_addresses)
+    prepare_hard_close = staticmethod(tcp_abandon)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "ThreadingTCPServer":
+        """Create the per-server state, whichever __init__ runs.
+
+        Server classes combined with this one may call TCPServer.__init__
+        directly (SimpleXMLRPCServer does) and so skip ours.
+        """
+        self = super().__new__(cls)
+        self._slots = threading.Condition()
+        self._taken = 0          # slots in use, including one being accepted
+        self._stopping = False   # set by shutdown() to end a wait for a slot
+        self._open = {}          # type: dict  # request socket -> its number
+        self._accepted = 0       # connections accepted so far
+        self._handler_threads = set()  # type: set
+        return self
+
+    def __init__(self, server_address: Address, RequestHandlerClass: Any,
+                 *args: Any, thunk: Optional[Thunk] = None,
+                 max_requests: Optional[int] = None, **kwargs: Any) -> None:
+        """Constructor.  May be extended, do not override.
+
+        As socketserver's (server_address, RequestHandlerClass,
+        bind_and_activate=True), plus keyword-only thunk, the function each
+        ThunkHandler calls, and max_requests, a positive int (None keeps
+        the class attribute, which defaults to no limit).  Other arguments
+        go on to the next class's __init__, so this class can be combined
+        with other server classes.  Raises TypeError or ValueError for bad
+        arguments.
+        """
+        if thunk is not None and not callable(thunk):
+            raise TypeError("thunk must be callable, not %s"
+                            % type(thunk).__name__)
+        if (thunk is None and isinstance(RequestHandlerClass, type)
+                and issubclass(RequestHandlerClass, ThunkHandler)):
+            raise TypeError("ThunkHandler needs a thunk: pass thunk=function")
+        if max_requests is not None:
+            self.max_requests = max_requests
+        if self.max_requests is not None:
+            _check_max_requests(self.max_requests)
+        self.thunk = thunk
+        super().__init__(server_address, RequestHandlerClass, *args, **kwargs)
+
+    @classmethod
+    def from_listener(cls, listener: socket.socket, RequestHandlerClass: Any,
+                      **kwargs: Any) -> "ThreadingTCPServer":
+        """Return a server that accepts on an existing listening TCP socket.
+
+        For sockets from tcp_listen(), socket.create_server() or a parent
+        process.  The server owns the socket from now on: server_close()
+        closes it.  Keyword arguments are those of the constructor.
+        Raises TypeError or ValueError if listener is not a listening
+        TCP socket.
+        """
+        if not isinstance(listener, socket.socket):
+            raise TypeError("listener must be a socket, not %s"
+                            % type(listener).__name__)
+        if (listener.family not in (socket.AF_INET, socket.AF_INET6)
+                or listener.type != socket.SOCK_STREAM):
+            raise ValueError("listener must be a TCP socket "
+                             "(AF_INET or AF_INET6, SOCK_STREAM), not %r"
+                             % (listener,))
+        if (hasattr(socket, "SO_ACCEPTCONN") and not listener.getsockopt(
+                socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+            raise ValueError("listener must be listening: call listen() on "
+                             "it or make it with tcp_listen(), not %r"
+                             % (listener,))
+        server = cls(listener.getsockname(), RequestHandlerClass,
+                     bind_and_activate=False, **kwargs)
+        server.socket.close()
+        server.socket = listener
+        server.address_family = listener.family
+        server.server_address = listener.getsockname()
+        return server
+
+    def __call__(self, debug: Union[bool, str] = False,
+                 poll_interval: float = 0.5) -> None:
+        """Serve until shutdown() is called from another thread: the egg's server procedure.
+
+        debug=True writes the egg's diagnostic lines to stderr, prefixed
+        ``[tcp-server]``; a string replaces the prefix.  Raises TypeError or
+        ValueError for another debug value.
+        """
+        if not isinstance(debug, (bool, str)):
+            raise TypeError("debug must be a bool or a prefix str, not %s"
+                            % type(debug).__name__)
+        if debug == "":
+            raise ValueError("debug prefix must not be empty")
+        self.debug = debug
+        self.log("waiting for requests...")
+        self.serve_forever(poll_interval)
+
+    def log(self, message: str) -> None:
+        """Report one diagnostic event.  May be overridden.
+
+        Sends message to logging.getLogger("tcpserver") at INFO, and when
+        debug is on writes it to sys.stderr as ``[prefix] message``.
+        Called from the accept thread and from request threads.
+        """
+        logger.info("%s", message)
+        if self.debug and sys.stderr is not None:
+            prefix = DEFAULT_PREFIX if self.debug is True else self.debug
+            sys.stderr.write("[%s] %s\n" % (prefix, message))
+            sys.stderr.flush()
+
+    # -- accept thread ------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until shutdown(), as socketserver does.  May be extended.
+
+        While it runs, sys.stdin and sys.stdout are per-thread: each thunk
+        sees its connection, every other thread the streams it had.
+        """
+        with _switch:
+            super().serve_forever(poll_interval)
+
+    def shutdown(self) -> None:
+        """Stop the serve_forever() loop and wait until it has stopped.
+
+        Returns promptly even while every slot is taken and clients wait.
+        Must be called from another thread than serve_forever()'s, or it
+        deadlocks.  Requests still running carry on; server_close() waits
+        for them.
+        """
+        with self._slots:
+            self._stopping = True
+            self._slots.notify_all()
+        try:
+            super().shutdown()
+        finally:
+            with self._slots:
+                self._stopping = False
+
+    def get_request(self) -> Tuple[socket.socket, Address]:
+        """Wait for a free slot, then accept a connection through accept_connection().
+
+        Called by serve_forever() and handle_request() in the accept thread.
+        Raises OSError if shutdown() ends the wait, or if accepting fails
+        (then socketserver moves on to the next connection).
+        """
+        self._take_slot()
+        try:
+            request, client_address = self.accept_connection(self.socket)
+        except BaseException as exc:
+            self._give_slot()
+            if isinstance(exc, OSError):
+                self.log("accept failed: %s" % (exc,))
+            raise
+        with self._slots:
+            self._accepted += 1
+            self._open[request] = self._accepted
+        return request, client_address
+
+    def _take_slot(self) -> None:
+        """Wait until a slot is free and take it; raise OSError on shutdown()."""
+        limit = self.max_requests
+        with self._slots:
+            full = limit is not None and self._taken >= limit
+        if full:
+            self.log("all %d request slots busy; new clients wait" % limit)
+        with self._slots:
+            while limit is not None and self._taken >= limit:
+                if self._stopping:
+                    raise OSError("server is shutting down")
+                self._slots.wait()
+            self._taken += 1
+        if full:
+            self.log("a request slot is free; accepting again")
+
+    def _give_slot(self) -> None:
+        with self._slots:
+            self._taken -= 1
+            self._slots.notify()
+
+    def process_request(self, request: socket.socket,
+                        client_address: Address) -> None:
+        """Start a thread that runs process_request_thread().  May be extended.
+
+        Threads are named tcpserver-N for the N-th accepted connection,
+        are daemons if daemon_threads is true, and are joined by
+        server_close() if block_on_close is true.
+        """
+        with self._slots:
+            number = self._open.get(request, self._accepted)
+        thread = threading.Thread(
+            target=self._run_request_thread, args=(request, client_address),
+            name="tcpserver-%d" % number, daemon=self.daemon_threads)
+        if self.block_on_close and not thread.daemon:
+            self._handler_threads.add(thread)
+        try:
+            thread.start()
+        except BaseException:
+            self._handler_threads.discard(thread)
+            raise
+
+    def _run_request_thread(self, request: socket.socket,
+                            client_address: Address) -> None:
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self._handler_threads.discard(threading.current_thread())
+
+    # -- request thread -----------------------------------------------------
+
+    def process_request_thread(self, request: socket.socket,
+                               client_address: Address) -> None:
+        """Serve one connection in its own thread, then close it.
+
+        Calls get_addresses(), then finish_request() with the peer as
+        client_address.  On success the connection is shut down (FIN).  If
+        the client has gone away, it is closed with one diagnostic line.
+        Any other exception goes to handle_error() and the connection is
+        reset through prepare_hard_close().  The slot always comes back.
+        """
+        began = time.monotonic()
+        name = threading.current_thread().name
+        peer = client_address
+        failed = False
+        try:
+            local, peer = self.get_addresses(request)
+            with self._slots:
+                number, active = self._open.get(request, 0), len(self._open)
+            self.log("request %d from %s; %s (of %d) started..."
+                     % (number, _host(peer), name, active))
+            _bound.local_address = local
+            self.finish_request(request, peer)
+            outcome = "ok"
+        except Exception as exc:
+            outcome = "%s: %s" % (type(exc).__name__, exc)
+            if self.client_gone(request, exc):
+                outcome = "client gone, " + outcome
+            else:
+                failed = True
+                outcome = "error, " + outcome
+                self.handle_error(request, peer)
+        finally:
+            _bound.local_address = None
+            if failed:
+                self.abort_request(request, peer)
+            else:
+                self.shutdown_request(request)
+        self.log("%s finished (%s) in %.3fs."
+                 % (name, outcome, time.monotonic() - began))
+
+    def client_gone(self, request: socket.socket, exc: Exception) -> bool:
+        """Return True if exc means the client went away, not a bug.  May be overridden.
+
+        True for an OSError (broken pipe, reset, ...) when the connection
+        itself is no longer connected, so a reset from some other socket
+        the handler uses still counts as an error.
+        """
+        if not isinstance(exc, OSError):
+            return False
+        try:
+            request.getpeername()
+        except OSError:
+            return True
+        return False
+
+    def abort_request(self, request: socket.socket, peer: Address) -> None:
+        """Close a failed request's connection with RST, through prepare_hard_close()."""
+        self.log("closing connection to %s with a reset..." % (_host(peer),))
+        try:
+            self.prepare_hard_close(request)
+        except OSError:
+            pass  # already gone: closing is all there is left to do
+        finally:
+            self.close_request(request)
+
+    def close_request(self, request: socket.socket) -> None:
+        """Close one connection and give its slot back.  May be extended."""
+        try:
+            super().close_request(request)
+        finally:
+            with self._slots:
+                held = self._open.pop(request, None) is not None
+            if held:
+                self._give_slot()
+
+    # -- caller's thread ----------------------------------------------------
+
+    def server_close(self) -> None:
+        """Close the listening socket, then wait for the request threads.
+
+        As socketserver's: with block_on_close (the default) every
+        non-daemon request thread is joined, so a request that never ends
+        makes this wait forever.
+        """
+        super().server_close()
+        for thread in list(self._handler_threads):
+            thread.join()
+
+
+def _host(address: Address) -> str:
+    """Return the host part of an address for a diagnostic line."""
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address)
+
+
+# ---------------------------------------------------------------------------
+# The factory: the egg's make-tcp-server.
+# ---------------------------------------------------------------------------
+
+Listener = Union[socket.socket, int, Tuple[str, int]]
+
+
+def make_tcp_server(listener: Listener, thunk: Thunk,
+                    max_requests: Optional[int] = DEFAULT_MAX_REQUESTS
+                    ) -> ThreadingTCPServer:
+    """Return a server that runs thunk for every connection: the egg's make-tcp-server.
+
+    listener is a listening socket (from tcp_listen(),
+    socket.create_server() or a parent process), a port number (all
+    interfaces, as tcp_listen(port)) or a (host, port) tuple.  The server
+    owns the socket.  At most max_requests thunks run at once (None: no
+    limit).  Call the server to serve: ``server(debug=False)``; stop it
+    with server.shutdown() from another thread and release it with
+    server_close() (or a with block).
+
+    Raises TypeError or ValueError for bad arguments, OSError if a port
+    cannot be bound.
+    """
+    if not callable(thunk):
+        raise TypeError("thunk must be callable, not %s"
+                        % type(thunk).__name__)
+    if max_requests is not None:
+        _check_max_requests(max_requests)
+    if isinstance(listener, socket.socket):
+        sock = listener
+    elif isinstance(listener, int) and not isinstance(listener, bool):
+        sock = tcp_listen(listener)
+    elif (isinstance(listener, tuple) and len(listener) == 2
+          and isinstance(listener[0], str)):
+        sock = tcp_listen(listener[1], host=listener[0])
+    else:
+        raise TypeError("listener must be a listening socket, a port number "
+                        "or a (host, port) tuple, not %r" % (listener,))
+    return ThreadingTCPServer.from_listener(sock, ThunkHandler, thunk=thunk,
+                                            max_requests=max_requests)
