@@ -71,8 +71,8 @@ DEFAULT_PREFIX = "tcp-server"
 
 logger = logging.getLogger("tcpserver")
 
-Address = Tuple[Any, ...]
-Thunk = Callable[[], Any]
+_Address = Tuple[Any, ...]
+_Thunk = Callable[[], Any]
 
 
 def _check_int(name: str, value: object, minimum: int, maximum: int,
@@ -127,7 +127,7 @@ def tcp_listen(port: int, backlog: int = DEFAULT_BACKLOG,
     return socket.create_server((host, port), family=family, backlog=backlog)
 
 
-def tcp_accept(listener: socket.socket) -> Tuple[socket.socket, Address]:
+def tcp_accept(listener: socket.socket) -> Tuple[socket.socket, _Address]:
     """Accept a connection on listener; return (conn, peer): the egg's tcp-accept.
 
     The server calls it as ``self.accept_connection(self.socket)`` from
@@ -137,7 +137,7 @@ def tcp_accept(listener: socket.socket) -> Tuple[socket.socket, Address]:
     return listener.accept()
 
 
-def _plain_address(address: Address) -> Address:
+def _plain_address(address: _Address) -> _Address:
     """Return an IPv4-mapped IPv6 address ('::ffff:1.2.3.4', ...) as IPv4."""
     host = address[0] if isinstance(address, tuple) else ""
     if isinstance(host, str) and host.startswith("::ffff:") and "." in host:
@@ -145,7 +145,7 @@ def _plain_address(address: Address) -> Address:
     return address
 
 
-def tcp_addresses(conn: socket.socket) -> Tuple[Address, Address]:
+def tcp_addresses(conn: socket.socket) -> Tuple[_Address, _Address]:
     """Return the (local, peer) addresses of a connection: the egg's tcp-addresses.
 
     Addresses are as getsockname() and getpeername() give them, except that
@@ -184,7 +184,7 @@ class _Bound(threading.local):
     handler = None  # type: Optional[ThunkHandler]
     stdin = None  # type: Optional[io.TextIOWrapper]
     stdout = None  # type: Optional[io.TextIOWrapper]
-    local_address = None  # type: Optional[Address]
+    local_address = None  # type: Optional[_Address]
 
 
 _bound = _Bound()
@@ -453,7 +453,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     request_queue_size = DEFAULT_BACKLOG
     max_requests = None  # type: Optional[int]
     debug = False  # type: Union[bool, str]
-    thunk = None  # type: Optional[Thunk]
+    thunk = None  # type: Optional[_Thunk]
 
     accept_connection = staticmethod(tcp_accept)
     get_addresses = staticmethod(tcp_addresses)
@@ -474,8 +474,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._handler_threads = set()  # type: set
         return self
 
-    def __init__(self, server_address: Address, RequestHandlerClass: Any,
-                 *args: Any, thunk: Optional[Thunk] = None,
+    def __init__(self, server_address: _Address, RequestHandlerClass: Any,
+                 *args: Any, thunk: Optional[_Thunk] = None,
                  max_requests: Optional[int] = None, **kwargs: Any) -> None:
         """Constructor.  May be extended, do not override.
 
@@ -590,7 +590,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             with self._slots:
                 self._stopping = False
 
-    def get_request(self) -> Tuple[socket.socket, Address]:
+    def get_request(self) -> Tuple[socket.socket, _Address]:
         """Wait for a free slot, then accept a connection through accept_connection().
 
         Called by serve_forever() and handle_request() in the accept thread.
@@ -632,7 +632,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self._slots.notify()
 
     def process_request(self, request: socket.socket,
-                        client_address: Address) -> None:
+                        client_address: _Address) -> None:
         """Start a thread that runs process_request_thread().  May be extended.
 
         Threads are named tcpserver-N for the N-th accepted connection,
@@ -653,7 +653,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             raise
 
     def _run_request_thread(self, request: socket.socket,
-                            client_address: Address) -> None:
+                            client_address: _Address) -> None:
         try:
             self.process_request_thread(request, client_address)
         finally:
@@ -662,21 +662,24 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     # -- request thread -----------------------------------------------------
 
     def process_request_thread(self, request: socket.socket,
-                               client_address: Address) -> None:
+                               client_address: _Address) -> None:
         """Serve one connection in its own thread, then close it.
 
         Calls get_addresses(), then finish_request() with the peer as
         client_address.  On success the connection is shut down (FIN).  If
-        the client has gone away, it is closed with one diagnostic line.
-        Any other exception goes to handle_error() and the connection is
-        reset through prepare_hard_close().  The slot always comes back.
+        get_addresses() raised OSError (the client left, a TLS handshake
+        failed) or the client went away later (client_gone()), it is closed
+        with one diagnostic line and no traceback.  Any other exception
+        goes to handle_error() and the connection is reset through
+        prepare_hard_close().  The slot always comes back.
         """
         began = time.monotonic()
         name = threading.current_thread().name
         peer = client_address
-        failed = False
+        started = failed = False
         try:
             local, peer = self.get_addresses(request)
+            started = True
             with self._slots:
                 number, active = self._open.get(request, 0), len(self._open)
             self.log("request %d from %s; %s (of %d) started..."
@@ -686,7 +689,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             outcome = "ok"
         except Exception as exc:
             outcome = "%s: %s" % (type(exc).__name__, exc)
-            if self.client_gone(request, exc):
+            if isinstance(exc, OSError) and not started:
+                outcome = "setup failed, " + outcome  # a TLS handshake, say
+            elif self.client_gone(request, exc):
                 outcome = "client gone, " + outcome
             else:
                 failed = True
@@ -716,7 +721,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             return True
         return False
 
-    def abort_request(self, request: socket.socket, peer: Address) -> None:
+    def abort_request(self, request: socket.socket, peer: _Address) -> None:
         """Close a failed request's connection with RST, through prepare_hard_close()."""
         self.log("closing connection to %s with a reset..." % (_host(peer),))
         try:
@@ -750,7 +755,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             thread.join()
 
 
-def _host(address: Address) -> str:
+def _host(address: _Address) -> str:
     """Return the host part of an address for a diagnostic line."""
     if isinstance(address, tuple) and address:
         return str(address[0])
@@ -761,10 +766,10 @@ def _host(address: Address) -> str:
 # The factory: the egg's make-tcp-server.
 # ---------------------------------------------------------------------------
 
-Listener = Union[socket.socket, int, Tuple[str, int]]
+_Listener = Union[socket.socket, int, Tuple[str, int]]
 
 
-def make_tcp_server(listener: Listener, thunk: Thunk,
+def make_tcp_server(listener: _Listener, thunk: _Thunk,
                     max_requests: Optional[int] = DEFAULT_MAX_REQUESTS
                     ) -> ThreadingTCPServer:
     """Return a server that runs thunk for every connection: the egg's make-tcp-server.

@@ -1,0 +1,1165 @@
+"""Tests for tcpserver: ``python -m unittest -v test_tcpserver``.
+
+Every test talks to real sockets on loopback, binds port 0, waits on events
+with timeouts (never on sleeps), and checks afterwards that it left no
+thread or file descriptor behind.  Tests driven by real client programs
+(nc, socat, curl, openssl s_client) skip with a reason when the program is
+missing; .ci/run installs them.
+"""
+
+import contextlib
+import functools
+import hashlib
+import http.server
+import io
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.request
+import xmlrpc.client
+import xmlrpc.server
+
+import tcpserver
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 10.0  # seconds: the bound of every wait in these tests
+
+
+def open_fds():
+    """Return the set of open descriptors, or None where /proc is absent."""
+    try:
+        return set(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
+def read_all(sock):
+    """Read from sock until the peer closes; each recv is bounded by its timeout."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def read_exactly(sock, count):
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def reset(sock):
+    """Close sock so that the peer sees RST."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class ServerTestCase(unittest.TestCase):
+    """Starts servers in threads and checks that each test cleans up."""
+
+    host = "127.0.0.1"
+
+    def setUp(self):
+        # Registered first, so it runs last: after every server is closed.
+        self.addCleanup(self.check_no_leaks, set(threading.enumerate()), open_fds())
+
+    def check_no_leaks(self, threads_before, fds_before):
+        deadline = time.monotonic() + TIMEOUT
+        for thread in set(threading.enumerate()) - threads_before:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in threading.enumerate()
+                 if t not in threads_before and t.is_alive()]
+        self.assertEqual(alive, [], "threads left running")
+        fds_after = open_fds()
+        if fds_before is not None:
+            self.assertLessEqual(len(fds_after), len(fds_before),
+                                 "descriptors left open: %s"
+                                 % sorted(fds_after - fds_before))
+
+    def serve(self, server, debug=False):
+        """Run server in a thread until the test ends; return server."""
+        if isinstance(server, tcpserver.ThreadingTCPServer):
+            target = functools.partial(server, debug=debug, poll_interval=0.01)
+        else:
+            target = functools.partial(server.serve_forever, poll_interval=0.01)
+        thread = threading.Thread(target=target, name="serve")
+        thread.start()
+        server.test_thread = thread
+        self.addCleanup(self.stop, server)
+        return server
+
+    def start(self, thunk, max_requests=None, debug=False):
+        """Serve thunk with make_tcp_server() on this class's host, port 0."""
+        server = tcpserver.make_tcp_server((self.host, 0), thunk, max_requests)
+        return self.serve(server, debug)
+
+    def stop(self, server):
+        """Shut server down and close it; safe to call twice."""
+        thread = server.test_thread
+        if thread.is_alive():
+            server.shutdown()
+        thread.join(TIMEOUT)
+        self.assertFalse(thread.is_alive(), "serve_forever() did not return")
+        server.server_close()
+        self.assertEqual(server.fileno(), -1)
+
+    @staticmethod
+    def address(server):
+        """Return where to reach server: loopback if it listens on all interfaces."""
+        host, port = server.server_address[:2]
+        return ("127.0.0.1" if host in ("", "0.0.0.0", "::") else host), port
+
+    def connect(self, server):
+        sock = socket.create_connection(self.address(server), timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        return sock
+
+    def talk(self, server, data=b""):
+        """Send data, close our side, return all the server sent back."""
+        with socket.create_connection(self.address(server), timeout=TIMEOUT) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            return read_all(sock)
+
+    def assert_reset(self, server, data=b""):
+        """Send data and expect the server to reset the connection."""
+        with socket.create_connection(self.address(server), timeout=TIMEOUT) as sock:
+            with self.assertRaises(ConnectionResetError):
+                sock.sendall(data)
+                read_all(sock)
+
+    def capture(self, name):
+        """Replace sys.<name> with a StringIO until the test ends; return it."""
+        stream = io.StringIO()
+        self.addCleanup(setattr, sys, name, getattr(sys, name))
+        setattr(sys, name, stream)
+        return stream
+
+
+# ---------------------------------------------------------------------------
+# Hooks
+# ---------------------------------------------------------------------------
+
+class TestListen(ServerTestCase):
+
+    def test_default_host_accepts_ipv4_and_ipv6(self):
+        with tcpserver.tcp_listen(0) as listener:
+            port = listener.getsockname()[1]
+            hosts = ["127.0.0.1"]
+            if socket.has_dualstack_ipv6():
+                self.assertEqual(listener.family, socket.AF_INET6)
+                hosts.append("::1")
+            for host in hosts:
+                with socket.create_connection((host, port), timeout=TIMEOUT):
+                    conn, _ = listener.accept()
+                    with conn:
+                        local, peer = tcpserver.tcp_addresses(conn)
+                    self.assertEqual(peer[0], host)  # no '::ffff:' prefix
+                    self.assertEqual(local[:2], (host, port))
+
+    def test_host_chooses_the_family(self):
+        cases = [("127.0.0.1", socket.AF_INET)]
+        if socket.has_ipv6:
+            cases.append(("::1", socket.AF_INET6))
+        for host, family in cases:
+            with self.subTest(host=host), tcpserver.tcp_listen(0, host=host) as sock:
+                self.assertEqual(sock.family, family)
+                self.assertEqual(sock.getsockname()[0], host)
+                self.assertNotEqual(sock.getsockname()[1], 0)
+
+    def test_backlog_and_reuse(self):
+        with tcpserver.tcp_listen(0, backlog=3, host="127.0.0.1") as sock:
+            self.assertTrue(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
+            self.assertTrue(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+    def test_bad_arguments(self):
+        for args, kwargs, error, text in [
+                (("80",), {}, TypeError, "port must be an int in 0..65535, not str"),
+                ((True,), {}, TypeError, "not bool"),
+                ((70000,), {}, ValueError, "port must be an int in 0..65535, not 70000"),
+                ((-1,), {}, ValueError, "not -1"),
+                ((0,), {"backlog": -1}, ValueError, "backlog must be an int >= 0, not -1"),
+                ((0,), {"host": 127001}, TypeError, "host must be a str, not int")]:
+            with self.subTest(args=args, kwargs=kwargs):
+                with self.assertRaises(error) as caught:
+                    tcpserver.tcp_listen(*args, **kwargs)
+                self.assertIn(text, str(caught.exception))
+
+    def test_port_in_use_is_an_oserror(self):
+        with tcpserver.tcp_listen(0, host="127.0.0.1") as first:
+            port = first.getsockname()[1]
+            with self.assertRaises(OSError):
+                tcpserver.tcp_listen(port, host="127.0.0.1")
+
+
+class TestHooks(ServerTestCase):
+
+    def test_tcp_abandon_makes_close_send_rst(self):
+        with tcpserver.tcp_listen(0, host="127.0.0.1") as listener:
+            with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as client:
+                conn, peer = tcpserver.tcp_accept(listener)
+                self.assertEqual(peer, client.getsockname())
+                tcpserver.tcp_abandon(conn)
+                conn.close()
+                with self.assertRaises(ConnectionResetError):
+                    read_all(client)
+
+    def test_subclass_methods_are_called_at_the_right_points(self):
+        calls = []
+
+        class Server(tcpserver.ThreadingTCPServer):
+            def accept_connection(self, listener):
+                calls.append(("accept", listener is self.socket,
+                              threading.current_thread().name))
+                return tcpserver.tcp_accept(listener)
+
+            def get_addresses(self, conn):
+                calls.append(("addresses", threading.current_thread().name))
+                local, peer = tcpserver.tcp_addresses(conn)
+                return local, ("192.0.2.7", 4242)  # as a PROXY header would say
+
+            def prepare_hard_close(self, conn):
+                calls.append(("hard close", threading.current_thread().name))
+                tcpserver.tcp_abandon(conn)
+
+        def thunk():
+            connection = tcpserver.current_connection()
+            print(connection.client_address)
+            if input() == "fail":
+                raise RuntimeError("thunk failed on purpose")
+
+        stderr = self.capture("stderr")
+        server = self.serve(Server(("127.0.0.1", 0), tcpserver.ThunkHandler,
+                                   thunk=thunk), debug=True)
+        self.assertEqual(self.talk(server, b"ok\n"), b"('192.0.2.7', 4242)\n")
+        self.assertEqual(calls, [("accept", True, "serve"), ("addresses", "tcpserver-1")])
+        with self.connect(server) as sock:
+            sock.sendall(b"fail\n")
+            with self.assertRaises(ConnectionResetError):
+                read_all(sock)
+        self.stop(server)
+        self.assertEqual(calls[2:], [("accept", True, "serve"), ("addresses", "tcpserver-2"),
+                                     ("hard close", "tcpserver-2")])
+        self.assertIn("request 1 from 192.0.2.7;", stderr.getvalue())
+
+    def test_instance_may_be_given_plain_functions(self):
+        seen = []
+
+        def accept(listener):
+            seen.append("accept")
+            return tcpserver.tcp_accept(listener)
+
+        def addresses(conn):
+            seen.append("addresses")
+            return tcpserver.tcp_addresses(conn)
+
+        def hard_close(conn):
+            seen.append("hard close")
+            tcpserver.tcp_abandon(conn)
+
+        def thunk():
+            raise RuntimeError("thunk failed on purpose")
+
+        self.capture("stderr")
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), thunk)
+        server.accept_connection = accept
+        server.get_addresses = addresses
+        server.prepare_hard_close = hard_close
+        self.serve(server)
+        self.assert_reset(server)
+        self.stop(server)
+        self.assertEqual(seen, ["accept", "addresses", "hard close"])
+
+    def test_hook_defaults(self):
+        self.assertIs(tcpserver.ThreadingTCPServer.accept_connection, tcpserver.tcp_accept)
+        self.assertIs(tcpserver.ThreadingTCPServer.get_addresses, tcpserver.tcp_addresses)
+        self.assertIs(tcpserver.ThreadingTCPServer.prepare_hard_close, tcpserver.tcp_abandon)
+
+
+# ---------------------------------------------------------------------------
+# TLS served by overriding hooks only: the recipe of README.rst, run as is.
+# ---------------------------------------------------------------------------
+
+def readme_code(marker):
+    """Return the README's Python code block that contains marker, dedented."""
+    with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as readme:
+        text = readme.read()
+    for block in re.findall(r"::\n\n((?:(?:    .*)?\n)+)", text):
+        if marker in block:
+            return textwrap.dedent(block)
+    raise AssertionError("no code block with %r in README.rst" % marker)
+
+
+def make_certificate(directory):
+    """Write a self-signed certificate for localhost and 127.0.0.1 with openssl."""
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+class TestTLSRecipe(ServerTestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.mkdtemp()
+        cls.cert, cls.key = make_certificate(cls.directory)
+        cls.recipe = {}
+        exec(readme_code("class TLSServer("), cls.recipe)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.directory)
+
+    def start_tls(self, thunk, debug=False):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        server = self.recipe["TLSServer"].from_listener(
+            tcpserver.tcp_listen(0, host="127.0.0.1"), tcpserver.ThunkHandler,
+            thunk=thunk, max_requests=4)
+        server.context = context
+        return self.serve(server, debug)
+
+    def tls_connect(self, server):
+        context = ssl.create_default_context(cafile=self.cert)
+        sock = socket.create_connection(server.server_address, timeout=TIMEOUT)
+        return context.wrap_socket(sock, server_hostname="localhost")
+
+    def test_python_client(self):
+        def thunk():
+            name = input("name? ")
+            print("hello", name, tcpserver.current_connection().connection.version())
+
+        server = self.start_tls(thunk)
+        with self.tls_connect(server) as sock:
+            self.assertEqual(read_exactly(sock, 6), b"name? ")
+            sock.sendall(b"tls\n")
+            self.assertRegex(read_all(sock), rb"^hello tls TLSv1\.[23]\n$")
+
+    def test_handshake_runs_in_the_connection_thread(self):
+        def thunk():
+            print("served")
+
+        server = self.start_tls(thunk)
+        silent = self.connect(server)  # connects, never says a word
+        with self.tls_connect(server) as sock:
+            self.assertEqual(read_all(sock), b"served\n")
+        silent.close()
+
+    def test_plaintext_client_costs_one_line_and_no_traceback(self):
+        def thunk():
+            print("served")
+
+        stderr = self.capture("stderr")
+        server = self.start_tls(thunk, debug=True)
+        self.talk(server, b"GET / HTTP/1.0\r\n\r\n")
+        with self.tls_connect(server) as sock:
+            self.assertEqual(read_all(sock), b"served\n")
+        self.stop(server)
+        self.assertNotIn("Traceback", stderr.getvalue())
+        self.assertRegex(stderr.getvalue(), r"tcpserver-1 finished \(setup failed, SSLError")
+
+    def test_thunk_error_resets_the_tls_connection(self):
+        def thunk():
+            raise ValueError("thunk failed on purpose")
+
+        stderr = self.capture("stderr")
+        server = self.start_tls(thunk)
+        with self.tls_connect(server) as sock:
+            # ssl reports a reset as a plain EOF; read the TCP layer beneath it.
+            with socket.socket(fileno=os.dup(sock.fileno())) as raw:
+                raw.settimeout(TIMEOUT)
+                with self.assertRaises(ConnectionResetError):
+                    read_all(raw)
+        self.stop(server)
+        self.assertIn("ValueError: thunk failed on purpose", stderr.getvalue())
+
+    def test_openssl_s_client(self):
+        def thunk():
+            print("hello", input())
+
+        server = self.start_tls(thunk)
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", "127.0.0.1:%d" % server.server_address[1],
+             "-quiet", "-verify_return_error", "-CAfile", self.cert,
+             "-servername", "localhost"],
+            input=b"s_client\n", capture_output=True, timeout=TIMEOUT)
+        self.assertEqual(result.stdout, b"hello s_client\n", result.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Per-thread standard streams
+# ---------------------------------------------------------------------------
+
+class StreamTests:
+    """Run on IPv4 and IPv6 (see the two classes below)."""
+
+    def test_print_and_input(self):
+        def thunk():
+            name = input()
+            print("hello,", name)
+            print("again,", input())
+
+        server = self.start(thunk)
+        self.assertEqual(self.talk(server, b"world\r\nyou\n"), b"hello, world\nagain, you\n")
+
+    def test_current_connection(self):
+        def thunk():
+            connection = tcpserver.current_connection()
+            print(connection.client_address)
+            print(connection.local_address)
+            print(connection.server is server, connection.stdout is sys.stdout.current())
+
+        server = self.start(thunk)
+        with self.connect(server) as sock:
+            expected = [str(sock.getsockname()), str(sock.getpeername()), "True True"]
+            sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(read_all(sock).decode().splitlines(), expected)
+
+
+class TestStreamsIPv4(StreamTests, ServerTestCase):
+    host = "127.0.0.1"
+
+
+@unittest.skipUnless(socket.has_ipv6, "no IPv6")
+class TestStreamsIPv6(StreamTests, ServerTestCase):
+    host = "::1"
+
+
+class TestStreams(ServerTestCase):
+
+    def test_readline_and_iteration(self):
+        def thunk():
+            print("first:", sys.stdin.readline(), end="")
+            for line in sys.stdin:
+                print(line.upper(), end="")
+
+        server = self.start(thunk)
+        self.assertEqual(self.talk(server, b"a\nb\nc\n"), b"first: a\nB\nC\n")
+
+    def test_binary_buffers(self):
+        payload = os.urandom(1 << 20)
+
+        def thunk():
+            data = sys.stdin.buffer.read()
+            sys.stdout.buffer.write(hashlib.sha256(data).digest())
+            sys.stdout.buffer.write(data)
+
+        server = self.start(thunk)
+        reply = self.talk(server, payload)
+        self.assertEqual(reply[:32], hashlib.sha256(payload).digest())
+        self.assertEqual(hashlib.sha256(reply[32:]).digest(), hashlib.sha256(payload).digest())
+
+    def test_prompt_is_flushed_before_reading(self):
+        def thunk():
+            sys.stdout.write("> ")
+            print("got", sys.stdin.readline().strip())
+            print("name", input("name? "))
+
+        server = self.start(thunk)
+        with self.connect(server) as sock:
+            self.assertEqual(read_exactly(sock, 2), b"> ")
+            sock.sendall(b"one\n")
+            self.assertEqual(read_exactly(sock, 14), b"got one\nname? ")
+            sock.sendall(b"two\n")
+            self.assertEqual(read_all(sock), b"name two\n")
+
+    def test_each_line_leaves_at_once(self):
+        release = threading.Event()
+
+        def thunk():
+            for number in range(3):
+                print("line", number)
+                release.wait(TIMEOUT)  # still running: the line must be out already
+                release.clear()
+
+        server = self.start(thunk)
+        with self.connect(server) as sock:
+            sock.settimeout(3)
+            reader = sock.makefile("rb")
+            for number in range(3):
+                self.assertEqual(reader.readline(), b"line %d\n" % number)
+                release.set()
+            reader.close()
+
+    def test_tcp_nodelay_is_set(self):
+        def thunk():
+            connection = tcpserver.current_connection().connection
+            print(connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0)
+
+        self.assertEqual(self.talk(self.start(thunk)), b"True\n")
+
+    def test_output_without_newline_is_flushed_at_return(self):
+        server = self.start(lambda: sys.stdout.write("no newline"))
+        self.assertEqual(self.talk(server), b"no newline")
+
+    def test_block_buffering(self):
+        printed, release = threading.Event(), threading.Event()
+
+        class BulkHandler(tcpserver.ThunkHandler):
+            line_buffering = False
+
+        def thunk():
+            print("held back")
+            printed.set()
+            release.wait(TIMEOUT)
+
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), BulkHandler,
+                                                         thunk=thunk))
+        with self.connect(server) as sock:
+            self.assertTrue(printed.wait(TIMEOUT))
+            sock.setblocking(False)
+            with self.assertRaises(BlockingIOError):
+                sock.recv(100)  # nothing sent yet
+            sock.settimeout(TIMEOUT)
+            release.set()
+            self.assertEqual(read_all(sock), b"held back\n")
+
+    def test_utf8_and_undecodable_input(self):
+        server = self.start(lambda: print(input()[::-1]))
+        self.assertEqual(self.talk(server, "héllo\n".encode()), "olléh\n".encode())
+        self.assertEqual(self.talk(server, b"a\xffb\n"), "b\ufffda\n".encode())
+
+    def test_handler_class_attributes(self):
+        class CRLFHandler(tcpserver.ThunkHandler):
+            newline = "\r\n"
+            encoding = "latin-1"
+
+        def thunk():
+            print("caf\xe9")
+            print(input())
+
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), CRLFHandler,
+                                                         thunk=thunk))
+        self.assertEqual(self.talk(server, b"\xe9t\xe9\r\n"), b"caf\xe9\r\n\xe9t\xe9\r\n")
+
+    def test_stderr_is_not_redirected(self):
+        stderr = self.capture("stderr")
+
+        def thunk():
+            print("to the server's stderr", file=sys.stderr)
+            print("to the client")
+
+        self.assertEqual(self.talk(self.start(thunk)), b"to the client\n")
+        self.assertEqual(stderr.getvalue(), "to the server's stderr\n")
+
+    def test_100_clients_and_the_main_thread_keep_their_own_streams(self):
+        stdout = self.capture("stdout")
+        count, lines = 100, 50
+        entered = threading.Condition()
+        inside = []
+        release = threading.Event()
+
+        def thunk():
+            token = input()
+            with entered:
+                inside.append(token)
+                entered.notify_all()
+            release.wait(TIMEOUT)
+            for number in range(lines):
+                print(token, number)
+
+        server = self.start(thunk)
+        clients = [self.connect(server) for _ in range(count)]
+        for number, sock in enumerate(clients):
+            sock.sendall(b"client-%d\n" % number)
+        with entered:
+            self.assertTrue(entered.wait_for(lambda: len(inside) == count, TIMEOUT))
+        print("main thread line")  # while 100 thunks hold sys.stdout
+        release.set()
+        for number, sock in enumerate(clients):
+            expected = "".join("client-%d %d\n" % (number, n) for n in range(lines))
+            self.assertEqual(read_all(sock).decode(), expected)
+        self.assertEqual(stdout.getvalue(), "main thread line\n")
+
+    def test_threads_a_thunk_starts_see_the_process_streams(self):
+        stdout = self.capture("stdout")
+        seen = []
+
+        def child():
+            print("from the child thread")
+            try:
+                tcpserver.current_connection()
+            except RuntimeError as exc:
+                seen.append(str(exc))
+
+        def thunk():
+            thread = threading.Thread(target=child)
+            thread.start()
+            thread.join(TIMEOUT)
+            print("from the thunk")
+
+        self.assertEqual(self.talk(self.start(thunk)), b"from the thunk\n")
+        self.assertEqual(stdout.getvalue(), "from the child thread\n")
+        self.assertEqual(len(seen), 1)
+        self.assertIn("must be called from a thunk's own thread", seen[0])
+
+    def test_current_connection_outside_a_thunk(self):
+        with self.assertRaises(RuntimeError):
+            tcpserver.current_connection()
+
+    def test_streams_are_swapped_only_while_serving(self):
+        original_stdin, original_stdout = sys.stdin, sys.stdout
+        server = self.start(lambda: print("x"))
+        self.assertEqual(self.talk(server), b"x\n")  # so serving has begun
+        self.assertIsNot(sys.stdout, original_stdout)
+        self.assertIs(sys.stdout.fallback, original_stdout)
+        self.assertIs(sys.stdin.fallback, original_stdin)
+        self.stop(server)
+        self.assertIs(sys.stdout, original_stdout)
+        self.assertIs(sys.stdin, original_stdin)
+
+    def test_a_stream_replaced_meanwhile_is_left_alone(self):
+        self.addCleanup(setattr, sys, "stdout", sys.stdout)
+        server = self.start(lambda: print("x"))
+        self.assertEqual(self.talk(server), b"x\n")
+        replacement = io.StringIO()
+        sys.stdout = replacement
+        self.stop(server)
+        self.assertIs(sys.stdout, replacement)
+
+    def test_two_servers_at_once(self):
+        original_stdout = sys.stdout
+        first = self.start(lambda: print("first", input()))
+        second = self.start(lambda: print("second", input()))
+        self.assertEqual(self.talk(first, b"a\n"), b"first a\n")
+        self.assertEqual(self.talk(second, b"b\n"), b"second b\n")
+        self.stop(first)
+        self.assertEqual(self.talk(second, b"c\n"), b"second c\n")
+        self.stop(second)
+        self.assertIs(sys.stdout, original_stdout)
+
+    def test_eof_on_input_ends_the_request_normally(self):
+        stderr = self.capture("stderr")
+
+        def thunk():
+            while True:
+                print("echo", input())
+
+        server = self.start(thunk, debug=True)
+        self.assertEqual(self.talk(server, b"a\nb\n"), b"echo a\necho b\n")
+        self.stop(server)
+        self.assertNotIn("Traceback", stderr.getvalue())
+        self.assertIn("tcpserver-1 finished (ok)", stderr.getvalue())
+
+    def test_other_eof_errors_are_errors(self):
+        stderr = self.capture("stderr")
+
+        def thunk():
+            raise EOFError("not the client's end of input")
+
+        server = self.start(thunk)
+        with self.connect(server) as sock:
+            with self.assertRaises(ConnectionResetError):
+                read_all(sock)
+        self.stop(server)
+        self.assertIn("EOFError: not the client's end of input", stderr.getvalue())
+
+
+# ---------------------------------------------------------------------------
+# The limit
+# ---------------------------------------------------------------------------
+
+class TestLimit(ServerTestCase):
+
+    def test_burst_never_exceeds_the_limit_and_is_served_in_order(self):
+        limit, clients = 3, 30
+        changed = threading.Condition()
+        state = {"active": 0, "peak": 0}
+        release = threading.Event()
+
+        def thunk():
+            with changed:
+                state["active"] += 1
+                state["peak"] = max(state["peak"], state["active"])
+                changed.notify_all()
+            release.wait(TIMEOUT)
+            with changed:
+                state["active"] -= 1
+            print(threading.current_thread().name)
+
+        server = self.start(thunk, max_requests=limit)
+        socks = [self.connect(server) for _ in range(clients)]
+        with changed:
+            self.assertTrue(changed.wait_for(lambda: state["active"] == limit, TIMEOUT))
+        release.set()
+        names = [read_all(sock).decode().strip() for sock in socks]
+        self.assertEqual(names, ["tcpserver-%d" % n for n in range(1, clients + 1)])
+        self.assertEqual(state["peak"], limit)
+
+    def test_every_slot_comes_back_however_the_thunk_ends(self):
+        barrier = threading.Barrier(2, timeout=TIMEOUT)
+
+        def thunk():
+            how = input()
+            if how == "raise":
+                raise RuntimeError("thunk failed on purpose")
+            if how == "gone":
+                while True:
+                    print("x" * 1000)
+            if how == "hold":
+                barrier.wait()  # needs two slots at once
+            print(how)
+
+        self.capture("stderr")
+        server = self.start(thunk, max_requests=2)
+        for _ in range(3):
+            self.assertEqual(self.talk(server, b"ok\n"), b"ok\n")
+            self.assert_reset(server, b"raise\n")
+            with self.connect(server) as sock:
+                sock.sendall(b"gone\n")
+                sock.recv(1)
+                reset(sock)
+            self.assertEqual(self.talk(server, b""), b"")  # EOF before any input
+            with self.connect(server):
+                pass  # a client that vanishes before the thunk reads
+        first, second = self.connect(server), self.connect(server)
+        for sock in (first, second):
+            sock.sendall(b"hold\n")
+        self.assertEqual(read_all(first), b"hold\n")
+        self.assertEqual(read_all(second), b"hold\n")
+
+    def test_shutdown_is_prompt_while_all_slots_are_busy(self):
+        started, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def thunk():
+            started.set()
+            release.wait(TIMEOUT)
+
+        server = self.start(thunk, max_requests=1)
+        self.connect(server)
+        self.assertTrue(started.wait(TIMEOUT))
+        waiting = [self.connect(server) for _ in range(5)]
+        began = time.monotonic()
+        server.shutdown()
+        self.assertLess(time.monotonic() - began, 2.0)
+        release.set()
+        self.stop(server)
+        for sock in waiting:  # never accepted: closed with the listener
+            with self.assertRaises(ConnectionResetError):
+                read_all(sock)
+
+    def test_no_limit_by_default_on_the_class(self):
+        count = 20
+        barrier = threading.Barrier(count, timeout=TIMEOUT)
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                barrier.wait()  # all 20 at once
+                self.wfile.write(b"done\n")
+
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), Handler))
+        self.assertIsNone(server.max_requests)
+        socks = [self.connect(server) for _ in range(count)]
+        self.assertEqual([read_all(sock) for sock in socks], [b"done\n"] * count)
+
+    def test_class_attribute_limit(self):
+        class Limited(tcpserver.ThreadingTCPServer):
+            max_requests = 7
+
+        with Limited(("127.0.0.1", 0), socketserver.StreamRequestHandler) as server:
+            self.assertEqual(server.max_requests, 7)
+        with Limited(("127.0.0.1", 0), socketserver.StreamRequestHandler,
+                     max_requests=2) as server:
+            self.assertEqual(server.max_requests, 2)
+
+    def test_bad_arguments(self):
+        thunk = lambda: None  # noqa: E731
+        cases = [
+            ((("127.0.0.1", 0), thunk, 0), ValueError, "max_requests must be a positive int or None, not 0"),
+            ((("127.0.0.1", 0), thunk, -5), ValueError, "not -5"),
+            ((("127.0.0.1", 0), thunk, "3"), TypeError, "max_requests must be a positive int or None, not str"),
+            ((("127.0.0.1", 0), thunk, 2.5), TypeError, "not float"),
+            ((("127.0.0.1", 0), thunk, True), TypeError, "not bool"),
+            ((("127.0.0.1", 0), "thunk"), TypeError, "thunk must be callable, not str"),
+            (("6504", thunk), TypeError, "listener must be a listening socket, a port number or a (host, port) tuple, not '6504'"),
+            ((6504.0, thunk), TypeError, "not 6504.0"),
+            ((("127.0.0.1",), thunk), TypeError, "not ('127.0.0.1',)"),
+        ]
+        for args, error, text in cases:
+            with self.subTest(args=args):
+                with self.assertRaises(error) as caught:
+                    tcpserver.make_tcp_server(*args)
+                self.assertIn(text, str(caught.exception))
+
+    def test_bad_listener_sockets(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            with self.assertRaisesRegex(ValueError, "listener must be a TCP socket"):
+                tcpserver.make_tcp_server(udp, print)
+        with socket.socket() as unbound:
+            with self.assertRaisesRegex(ValueError, "listener must be listening"):
+                tcpserver.make_tcp_server(unbound, print)
+
+    def test_server_class_arguments(self):
+        with self.assertRaisesRegex(TypeError, "ThunkHandler needs a thunk"):
+            tcpserver.ThreadingTCPServer(("127.0.0.1", 0), tcpserver.ThunkHandler)
+        with self.assertRaisesRegex(TypeError, "thunk must be callable, not int"):
+            tcpserver.ThreadingTCPServer(("127.0.0.1", 0), tcpserver.ThunkHandler, thunk=3)
+        with self.assertRaisesRegex(ValueError, "max_requests must be a positive int or None, not 0"):
+            tcpserver.ThreadingTCPServer(("127.0.0.1", 0), tcpserver.ThunkHandler,
+                                         thunk=print, max_requests=0)
+
+    def test_listener_kinds(self):
+        def thunk():
+            print("ok")
+
+        listener = socket.create_server(("127.0.0.1", 0))
+        for source in (listener, ("127.0.0.1", 0), 0):
+            with self.subTest(listener=source):
+                server = self.start_from(source, thunk)
+                self.assertEqual(self.talk(server), b"ok\n")
+                self.stop(server)
+        self.assertEqual(listener.fileno(), -1)  # the server owned and closed it
+
+    def start_from(self, listener, thunk):
+        return self.serve(tcpserver.make_tcp_server(listener, thunk))
+
+
+# ---------------------------------------------------------------------------
+# Errors and diagnostics
+# ---------------------------------------------------------------------------
+
+class TestErrors(ServerTestCase):
+
+    def test_return_closes_cleanly(self):
+        server = self.start(lambda: print("bye"))
+        with self.connect(server) as sock:
+            self.assertEqual(read_all(sock), b"bye\n")  # FIN, no reset
+            self.assertEqual(sock.recv(10), b"")
+
+    def test_raise_resets_logs_the_traceback_and_serving_goes_on(self):
+        stderr = self.capture("stderr")
+
+        def thunk():
+            if input() == "boom":
+                raise ValueError("thunk failed on purpose")
+            print("fine")
+
+        server = self.start(thunk)
+        self.assert_reset(server, b"boom\n")
+        self.assertEqual(self.talk(server, b"next\n"), b"fine\n")
+        self.stop(server)
+        self.assertIn("Traceback", stderr.getvalue())
+        self.assertIn("ValueError: thunk failed on purpose", stderr.getvalue())
+
+    def test_client_gone_is_not_an_error(self):
+        stderr = self.capture("stderr")
+        errors = []
+
+        def thunk():
+            while True:
+                print("x" * 1000)
+
+        server = self.start(thunk, debug=True)
+        server.handle_error = lambda request, address: errors.append(address)
+        for _ in range(3):
+            with self.connect(server) as sock:
+                sock.recv(1)
+                reset(sock)
+        server.thunk = lambda: print("still serving")
+        self.assertEqual(self.talk(server), b"still serving\n")
+        self.stop(server)
+        self.assertEqual(errors, [])
+        self.assertNotIn("Traceback", stderr.getvalue())
+        self.assertEqual(stderr.getvalue().count("(client gone, "), 3)
+
+    def test_reset_of_another_socket_is_an_error(self):
+        stderr = self.capture("stderr")
+
+        def thunk():
+            raise ConnectionResetError("a backend reset, not the client")
+
+        server = self.start(thunk, debug=True)
+        self.assert_reset(server)
+        self.stop(server)
+        self.assertIn("Traceback", stderr.getvalue())
+        self.assertIn("finished (error, ConnectionResetError", stderr.getvalue())
+
+    def test_debug_lines(self):
+        for debug, prefix in [(True, "tcp-server"), ("myname", "myname")]:
+            with self.subTest(debug=debug):
+                stderr = self.capture("stderr")
+                server = self.start(lambda: print("hi"), debug=debug)
+                self.assertEqual(self.talk(server), b"hi\n")
+                self.stop(server)
+                lines = stderr.getvalue().splitlines()
+                self.assertEqual(lines[0], "[%s] waiting for requests..." % prefix)
+                self.assertEqual(lines[1], "[%s] request 1 from 127.0.0.1; tcpserver-1 (of 1) started..." % prefix)
+                self.assertRegex(lines[2], r"^\[%s\] tcpserver-1 finished \(ok\) in \d+\.\d{3}s\.$" % prefix)
+                self.assertEqual(len(lines), 3)
+
+    def test_debug_line_for_an_error(self):
+        stderr = self.capture("stderr")
+
+        def thunk():
+            raise KeyError("nope")
+
+        server = self.start(thunk, debug="dbg")
+        self.assert_reset(server)
+        self.stop(server)
+        self.assertIn("[dbg] closing connection to 127.0.0.1 with a reset...", stderr.getvalue())
+        self.assertIn("[dbg] tcpserver-1 finished (error, KeyError: 'nope') in", stderr.getvalue())
+
+    def test_full_limit_is_logged_on_entry_and_exit(self):
+        stderr = self.capture("stderr")
+        release = threading.Event()
+        started = threading.Event()
+
+        def thunk():
+            started.set()
+            release.wait(TIMEOUT)
+
+        server = self.start(thunk, max_requests=1, debug=True)
+        first = self.connect(server)
+        self.assertTrue(started.wait(TIMEOUT))
+        second = self.connect(server)
+        release.set()
+        self.assertEqual(read_all(first) + read_all(second), b"")
+        self.stop(server)
+        self.assertEqual(stderr.getvalue().count("all 1 request slots busy; new clients wait"), 1)
+        self.assertIn("a request slot is free; accepting again", stderr.getvalue())
+
+    def test_bad_debug_values(self):
+        with tcpserver.make_tcp_server(("127.0.0.1", 0), print) as server:
+            with self.assertRaisesRegex(TypeError, "debug must be a bool or a prefix str, not int"):
+                server(debug=1)
+            with self.assertRaisesRegex(ValueError, "debug prefix must not be empty"):
+                server(debug="")
+
+    def test_quiet_by_default(self):
+        stderr = self.capture("stderr")
+        server = self.start(lambda: print("hi"))
+        self.assertEqual(self.talk(server), b"hi\n")
+        self.stop(server)
+        self.assertEqual(stderr.getvalue(), "")
+
+    def test_events_go_to_logging(self):
+        records = []
+        handler = logging.Handler(logging.INFO)
+        handler.emit = records.append
+        logger = logging.getLogger("tcpserver")
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        self.addCleanup(logger.setLevel, logger.level)
+        logger.setLevel(logging.INFO)
+        server = self.start(lambda: print("hi"))
+        self.assertEqual(self.talk(server), b"hi\n")
+        self.stop(server)
+        messages = [record.getMessage() for record in records]
+        self.assertIn("request 1 from 127.0.0.1; tcpserver-1 (of 1) started...", messages)
+        self.assertTrue(any(m.startswith("tcpserver-1 finished (ok)") for m in messages))
+
+    def test_server_close_waits_for_running_requests(self):
+        started, release = threading.Event(), threading.Event()
+        finished = []
+
+        def thunk():
+            started.set()
+            release.wait(TIMEOUT)
+            finished.append(True)
+
+        server = self.start(thunk)
+        self.connect(server)
+        self.assertTrue(started.wait(TIMEOUT))
+        server.shutdown()
+        closer = threading.Thread(target=server.server_close)
+        closer.start()
+        self.assertEqual(finished, [])
+        release.set()
+        closer.join(TIMEOUT)
+        self.assertFalse(closer.is_alive())
+        self.assertEqual(finished, [True])
+
+
+# ---------------------------------------------------------------------------
+# Legacy socketserver code and the stdlib servers built on it
+# ---------------------------------------------------------------------------
+
+class EchoHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(b"%d:" % len(line) + line)
+
+
+class ThreadingHTTPServer(tcpserver.ThreadingTCPServer, http.server.HTTPServer):
+    """What a user writes to put http.server on tcpserver."""
+
+
+class XMLRPCServer(xmlrpc.server.SimpleXMLRPCServer, tcpserver.ThreadingTCPServer):
+    """The stdlib class first: its __init__ skips ours; the limit is a class attribute."""
+    max_requests = 8
+
+
+class XMLRPCServerOursFirst(tcpserver.ThreadingTCPServer, xmlrpc.server.SimpleXMLRPCServer):
+    """Our class first: keyword arguments of both reach their __init__."""
+
+
+class TestLegacy(ServerTestCase):
+
+    def test_stream_request_handler_as_with_socketserver(self):
+        request = b"one\ntwo\n\nthree"
+        replies = []
+        for cls in (socketserver.ThreadingTCPServer, tcpserver.ThreadingTCPServer):
+            with self.subTest(cls=cls):
+                server = self.serve(cls(("127.0.0.1", 0), EchoHandler))
+                replies.append(self.talk(server, request))
+                self.stop(server)
+        self.assertEqual(replies[0], b"4:one\n4:two\n1:\n5:three")
+        self.assertEqual(replies[1], replies[0])
+        self.assertTrue(issubclass(tcpserver.ThreadingTCPServer, socketserver.ThreadingTCPServer))
+
+    def test_bind_and_activate_false(self):
+        server = tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler, False)
+        server.server_bind()
+        server.server_activate()
+        self.serve(server)
+        self.assertEqual(self.talk(server, b"x\n"), b"2:x\n")
+
+    def test_handle_request(self):
+        server = tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler, max_requests=1)
+        with server, socket.create_connection(server.server_address, timeout=TIMEOUT) as sock:
+            sock.sendall(b"once\n")
+            sock.shutdown(socket.SHUT_WR)
+            server.handle_request()
+            self.assertEqual(read_all(sock), b"5:once\n")
+
+    def http_server(self, directory):
+        with open(os.path.join(directory, "index.txt"), "w") as f:
+            f.write("served by tcpserver\n")
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+        server = self.serve(ThreadingHTTPServer(("127.0.0.1", 0), handler, max_requests=4))
+        return "http://127.0.0.1:%d/" % server.server_address[1]
+
+    def test_http_server_with_urllib(self):
+        self.capture("stderr")  # the request log of http.server
+        with tempfile.TemporaryDirectory() as directory:
+            url = self.http_server(directory)
+            with urllib.request.urlopen(url + "index.txt", timeout=TIMEOUT) as reply:
+                self.assertEqual(reply.read(), b"served by tcpserver\n")
+            with self.assertRaises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(url + "missing", timeout=TIMEOUT)
+            self.assertEqual(caught.exception.code, 404)
+            caught.exception.close()
+
+    @unittest.skipUnless(shutil.which("curl"), "curl is not installed (apt-get install curl)")
+    def test_http_server_with_curl(self):
+        self.capture("stderr")
+        with tempfile.TemporaryDirectory() as directory:
+            url = self.http_server(directory)
+            result = subprocess.run(["curl", "-sS", "--max-time", "10", url + "index.txt",
+                                     url + "index.txt"], capture_output=True, timeout=TIMEOUT)
+            self.assertEqual(result.stdout, b"served by tcpserver\n" * 2, result.stderr)
+
+    def test_xmlrpc_server(self):
+        servers = [XMLRPCServer(("127.0.0.1", 0), logRequests=False),
+                   XMLRPCServerOursFirst(("127.0.0.1", 0), xmlrpc.server.SimpleXMLRPCRequestHandler,
+                                         logRequests=False, max_requests=3)]
+        self.assertEqual([s.max_requests for s in servers], [8, 3])
+        for server in servers:
+            with self.subTest(server=type(server).__name__):
+                server.register_function(pow)
+                self.serve(server)
+                url = "http://127.0.0.1:%d/" % server.server_address[1]
+                with xmlrpc.client.ServerProxy(url) as proxy:
+                    self.assertEqual([proxy.pow(2, n) for n in range(10)],
+                                     [2 ** n for n in range(10)])
+
+    def test_handler_error_resets_the_connection(self):
+        class Failing(socketserver.StreamRequestHandler):
+            def handle(self):
+                self.wfile.write(b"partial")
+                raise RuntimeError("handler failed on purpose")
+
+        self.capture("stderr")
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), Failing))
+        self.assert_reset(server)
+
+
+# ---------------------------------------------------------------------------
+# Real client programs
+# ---------------------------------------------------------------------------
+
+class TestRealClients(ServerTestCase):
+
+    def greeter(self):
+        return self.start(lambda: print("hello", input()))
+
+    @unittest.skipUnless(shutil.which("nc"), "nc is not installed (apt-get install netcat-openbsd)")
+    def test_nc(self):
+        server = self.greeter()
+        result = subprocess.run(["nc", "-N", "127.0.0.1", str(server.server_address[1])],
+                                input=b"nc\n", capture_output=True, timeout=TIMEOUT)
+        self.assertEqual(result.stdout, b"hello nc\n", result.stderr)
+
+    @unittest.skipUnless(shutil.which("socat"), "socat is not installed (apt-get install socat)")
+    def test_socat(self):
+        server = self.greeter()
+        result = subprocess.run(["socat", "-t", "5", "-", "TCP:127.0.0.1:%d" % server.server_address[1]],
+                                input=b"socat\n", capture_output=True, timeout=TIMEOUT)
+        self.assertEqual(result.stdout, b"hello socat\n", result.stderr)
+
+
+class TestExample(ServerTestCase):
+
+    def test_daytime_example_serves_and_stops_on_ctrl_c(self):
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "example_daytime.py"),
+                                    "0", "--debug"], stderr=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.kill)
+        banner = process.stderr.readline().decode()
+        port = int(re.search(r"port (\d+)", banner).group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            line = read_all(sock).decode()
+        self.assertRegex(line, r"^\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\n$")
+        process.send_signal(signal.SIGINT)
+        rest = process.stderr.read().decode()
+        self.assertEqual(process.wait(TIMEOUT), 0)
+        self.assertIn("[tcp-server] request 1 from 127.0.0.1;", rest)
+        self.assertNotIn("Traceback", rest)
+
+
+class TestModule(unittest.TestCase):
+
+    def test_all(self):
+        defined = {name for name, value in vars(tcpserver).items()
+                   if not name.startswith("_")
+                   and getattr(value, "__module__", None) == "tcpserver"}
+        constants = {name for name in vars(tcpserver) if name.startswith("DEFAULT_")}
+        self.assertEqual(set(tcpserver.__all__), defined | constants)
+
+    def test_every_public_name_is_in_the_readme(self):
+        with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as readme:
+            text = readme.read()
+        for name in tcpserver.__all__:
+            self.assertIn(name, text)
+
+    def test_version(self):
+        self.assertRegex(tcpserver.__version__, r"^\d+\.\d+\.\d+$")
+
+
+if __name__ == "__main__":
+    unittest.main()
