@@ -26,7 +26,12 @@ def main(argv=None) -> int:
     parser.add_argument("--debug", action="store_true",
                         help="write diagnostic lines to stderr")
     args = parser.parse_args(argv)
-    with tcpserver.make_tcp_server(args.port, daytime) as server:
+    try:
+        server = tcpserver.make_tcp_server(args.port, daytime)
+    except (OSError, ValueError) as exc:
+        print("cannot listen on port %d: %s" % (args.port, exc), file=sys.stderr)
+        return 1
+    with server:
         print("daytime server on port %d; Ctrl-C stops it" % server.server_address[1],
               file=sys.stderr, flush=True)
         try:

@@ -1142,6 +1142,17 @@ class TestExample(ServerTestCase):
         self.assertNotIn("Traceback", rest)
 
 
+class TestExampleErrors(unittest.TestCase):
+
+    def test_port_in_use_is_one_line_and_exit_1(self):
+        with tcpserver.tcp_listen(0) as taken:
+            port = taken.getsockname()[1]
+            result = subprocess.run([sys.executable, os.path.join(HERE, "example_daytime.py"),
+                                     str(port)], capture_output=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stderr.decode(), r"^cannot listen on port %d: .*in use.*\n$" % port)
+
+
 class TestModule(unittest.TestCase):
 
     def test_all(self):
