@@ -49,6 +49,7 @@ __all__ = [
     "tcp_listen",
 ]
 
+import errno
 import io
 import logging
 import socket
@@ -68,6 +69,13 @@ DEFAULT_MAX_REQUESTS = 10000
 
 #: The egg's default prefix of diagnostic lines: ``[tcp-server] ...``.
 DEFAULT_PREFIX = "tcp-server"
+
+# The arguments of the EOFError that input() raises at the end of input.
+_INPUT_EOF = ("EOF when reading a line",)
+
+# accept() errors that mean "out of descriptors or memory": back off.
+_RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                              errno.ENOMEM))
 
 logger = logging.getLogger("tcpserver")
 
@@ -127,22 +135,25 @@ def tcp_listen(port: int, backlog: int = DEFAULT_BACKLOG,
     return socket.create_server((host, port), family=family, backlog=backlog)
 
 
-def tcp_accept(listener: socket.socket) -> Tuple[socket.socket, _Address]:
-    """Accept a connection on listener; return (conn, peer): the egg's tcp-accept.
-
-    The server calls it as ``self.accept_connection(self.socket)`` from
-    get_request(), in the accept thread, once a slot is free.  Keep it
-    quick: the next client waits until it returns.  OSError propagates.
-    """
-    return listener.accept()
-
-
 def _plain_address(address: _Address) -> _Address:
     """Return an IPv4-mapped IPv6 address ('::ffff:1.2.3.4', ...) as IPv4."""
     host = address[0] if isinstance(address, tuple) else ""
     if isinstance(host, str) and host.startswith("::ffff:") and "." in host:
         return (host[7:], address[1])
     return address
+
+
+def tcp_accept(listener: socket.socket) -> Tuple[socket.socket, _Address]:
+    """Accept a connection on listener; return (conn, peer): the egg's tcp-accept.
+
+    The server calls it as ``self.accept_connection(self.socket)`` from
+    get_request(), in the accept thread, once a slot is free.  Keep it
+    quick: the next client waits until it returns.  OSError propagates.
+    IPv4 clients of a dual-stack listener are reported as plain IPv4, as
+    tcp_addresses() does.
+    """
+    conn, peer = listener.accept()
+    return conn, _plain_address(peer)
 
 
 def tcp_addresses(conn: socket.socket) -> Tuple[_Address, _Address]:
@@ -194,38 +205,51 @@ class _ThreadStream:
     """Stands in for sys.stdin or sys.stdout, choosing the stream per thread.
 
     The hot methods are spelled out so that print() and input() pay one
-    thread-local lookup; anything else is forwarded by __getattr__.
+    thread-local lookup; anything else is forwarded by __getattr__, which is
+    why this class's own attributes all start with an underscore.  Where the
+    process has no stream (sys.stdout is None in a daemon), writes are
+    dropped, as print() drops them.
     """
 
     def __init__(self, name: str, fallback: Any) -> None:
-        self.name = name            # "stdin" or "stdout"
-        self.fallback = fallback    # the stream other threads keep seeing
+        self._name = name            # "stdin" or "stdout"
+        self._fallback = fallback    # the stream other threads keep seeing
 
-    def current(self) -> Any:
+    def _current(self) -> Any:
         """Return the stream the calling thread should use."""
-        return getattr(_bound, self.name) or self.fallback
+        stream = getattr(_bound, self._name)
+        return self._fallback if stream is None else stream
 
     def write(self, text: str) -> int:
-        return self.current().write(text)
+        stream = self._current()
+        return len(text) if stream is None else stream.write(text)
 
     def flush(self) -> None:
-        self.current().flush()
+        stream = self._current()
+        if stream is not None:
+            stream.flush()
 
     def readline(self, size: int = -1) -> str:
-        return self.current().readline(size)
+        return self._current().readline(size)
 
     def __iter__(self) -> Any:
-        return iter(self.current())
+        return iter(self._current())
 
     def __next__(self) -> str:
-        return next(self.current())
+        return next(self._current())
+
+    def __enter__(self) -> Any:
+        return self._current().__enter__()
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return self._current().__exit__(*exc_info)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.current(), name)
+        return getattr(self._current(), name)
 
     def __repr__(self) -> str:
         return "<tcpserver per-thread sys.%s, elsewhere %r>" % (
-            self.name, self.fallback)
+            self._name, self._fallback)
 
 
 class _StreamSwitch:
@@ -248,7 +272,7 @@ class _StreamSwitch:
                 self._streams = [_ThreadStream(name, getattr(sys, name))
                                  for name in ("stdin", "stdout")]
                 for stream in self._streams:
-                    setattr(sys, stream.name, stream)
+                    setattr(sys, stream._name, stream)
             self._users += 1
         return self
 
@@ -257,8 +281,8 @@ class _StreamSwitch:
             self._users -= 1
             if self._users == 0:
                 for stream in self._streams:
-                    if getattr(sys, stream.name) is stream:
-                        setattr(sys, stream.name, stream.fallback)
+                    if getattr(sys, stream._name) is stream:
+                        setattr(sys, stream._name, stream._fallback)
                 self._streams = []
 
 
@@ -344,17 +368,22 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     ``.buffer`` attributes are the binary ``self.rfile`` and ``self.wfile``.
     Output is flushed at every newline (unless line_buffering is False),
     before every read that has to wait for the client, and when the thunk
-    returns.  An EOFError that escapes the thunk after the client closed its
-    side (input() at end of input) ends the request normally.  Any other
-    exception propagates to the server, which logs it and resets the
-    connection.
+    returns.  An EOFError from input() at the end of the client's input
+    that escapes the thunk ends the request normally.  Any other exception
+    propagates to the server, which logs it and resets the connection.
+
+    A thunk must not assign sys.stdin or sys.stdout (contextlib's
+    redirect_stdout does): that replaces them for every thread in the
+    process.  To capture output, print(file=...) to a buffer instead.
 
     Class variables that may be overridden by subclasses:
 
     - encoding: of both directions, "utf-8".
     - decode_errors: what undecodable input becomes, "replace" (U+FFFD);
       "strict" makes reads raise UnicodeDecodeError, "surrogateescape"
-      keeps the bytes.
+      keeps the bytes as lone surrogates.
+    - encode_errors: what unencodable output does, "strict" (raise);
+      "surrogateescape" writes back bytes kept by decode_errors.
     - newline: written for each "\\n" printed; "\\n", or "\\r\\n" for line
       protocols.  Input accepts "\\n", "\\r\\n" and "\\r" line ends.
     - line_buffering: True flushes at every newline; False buffers output
@@ -369,6 +398,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
 
     encoding = "utf-8"
     decode_errors = "replace"
+    encode_errors = "strict"
     newline = "\n"
     line_buffering = True
     rbufsize = io.DEFAULT_BUFFER_SIZE
@@ -387,6 +417,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         self.wfile = io.BufferedWriter(_SocketWriter(self.connection),
                                        self.wbufsize)
         self.stdout = io.TextIOWrapper(self.wfile, encoding=self.encoding,
+                                       errors=self.encode_errors,
                                        newline=self.newline,
                                        line_buffering=self.line_buffering)
         self.rfile = io.BufferedReader(
@@ -401,12 +432,13 @@ class ThunkHandler(socketserver.StreamRequestHandler):
                 self, self.stdin, self.stdout)
             try:
                 self.server.thunk()
-            except EOFError:
-                if not self.rfile.raw.at_eof:
-                    raise  # not the end of the client's input: a real error
+            except EOFError as exc:
+                if not (self.rfile.raw.at_eof and exc.args == _INPUT_EOF):
+                    raise  # not input() at the end of the client's input
             finally:
                 _bound.handler = _bound.stdin = _bound.stdout = None
-        self.stdout.flush()
+        if not self.stdout.closed:  # the thunk may have closed it: done then
+            self.stdout.flush()
 
     def finish(self) -> None:
         """Flush what is left and close the streams; the server closes the socket."""
@@ -429,31 +461,34 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     does, plus: at most max_requests requests at once (the others wait in
     the listen queue), a listen queue of DEFAULT_BACKLOG, a reset (RST)
     instead of an orderly close when the handler raises, no traceback when
-    the client has simply gone away, and diagnostics.  With ThunkHandler it
-    runs the thunk for every connection.
+    the client has simply gone away, a back-off when accept() runs out of
+    descriptors, and diagnostics.  With ThunkHandler it runs the thunk for
+    every connection.
 
     Methods for the caller: those of socketserver.ThreadingTCPServer, and
 
-    - __call__(debug=False): serve until shutdown(), the egg's way.
+    - __call__(debug=False, poll_interval=0.5): serve, the egg's way;
+    - from_listener(listener, RequestHandlerClass, **kwargs): a server on
+      a socket that is already listening.
 
-    Methods that may be overridden: those of the parent, and the hooks
+    Methods that may be overridden: those of the parent, and
 
     - accept_connection(listener) -> (conn, peer), default tcp_accept;
     - get_addresses(conn) -> (local, peer), default tcp_addresses;
     - prepare_hard_close(conn), default tcp_abandon;
-    - log(message): one diagnostic line.
+    - log(message, level): one diagnostic line;
+    - client_gone(request, exc): does exc mean the client left?
+    - abort_request(request, peer): reset a failed connection.
 
     Class variables that may be overridden by subclasses or instances:
-    those of the parent, and max_requests (None: no limit) and debug
-    (False, True for the prefix DEFAULT_PREFIX, or a prefix string).
-
-    Instance variables: those of the parent, and thunk.
+    those of the parent, and max_requests (None: no limit), thunk (None)
+    and debug (False, True for the prefix DEFAULT_PREFIX, or a prefix).
     """
 
     request_queue_size = DEFAULT_BACKLOG
     max_requests = None  # type: Optional[int]
-    debug = False  # type: Union[bool, str]
     thunk = None  # type: Optional[_Thunk]
+    debug = False  # type: Union[bool, str]
 
     accept_connection = staticmethod(tcp_accept)
     get_addresses = staticmethod(tcp_addresses)
@@ -465,12 +500,18 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         Server classes combined with this one may call TCPServer.__init__
         directly (SimpleXMLRPCServer does) and so skip ours.
         """
+        if cls.max_requests is not None:
+            _check_max_requests(cls.max_requests)
         self = super().__new__(cls)
-        self._slots = threading.Condition()
-        self._taken = 0          # slots in use, including one being accepted
-        self._stopping = False   # set by shutdown() to end a wait for a slot
-        self._open = {}          # type: dict  # request socket -> its number
-        self._accepted = 0       # connections accepted so far
+        self._slots = threading.Condition()  # guards the state below
+        self._taken = 0          # slots held: open requests, and one pending
+        self._pending = False    # the accept thread holds a slot, no request
+        self._full = False       # "all slots busy" has been logged
+        self._stopping = False   # shutdown() wants the accept thread back
+        self._open = {}          # type: dict  # request -> its number
+        self._dispatched = 0     # requests handed to a thread so far
+        self._accept_errors = 0  # failed accepts in a row
+        self._poll_interval = None  # type: Optional[float]
         self._handler_threads = set()  # type: set
         return self
 
@@ -481,23 +522,22 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
         As socketserver's (server_address, RequestHandlerClass,
         bind_and_activate=True), plus keyword-only thunk, the function each
-        ThunkHandler calls, and max_requests, a positive int (None keeps
-        the class attribute, which defaults to no limit).  Other arguments
-        go on to the next class's __init__, so this class can be combined
-        with other server classes.  Raises TypeError or ValueError for bad
-        arguments.
+        ThunkHandler calls, and max_requests, a positive int; None keeps
+        the class attributes.  Other arguments go on to the next class's
+        __init__, so this class combines with other server classes.
+        Raises TypeError or ValueError for bad arguments.
         """
-        if thunk is not None and not callable(thunk):
-            raise TypeError("thunk must be callable, not %s"
-                            % type(thunk).__name__)
-        if (thunk is None and isinstance(RequestHandlerClass, type)
-                and issubclass(RequestHandlerClass, ThunkHandler)):
-            raise TypeError("ThunkHandler needs a thunk: pass thunk=function")
+        if thunk is not None:
+            if not callable(thunk):
+                raise TypeError("thunk must be callable, not %s"
+                                % type(thunk).__name__)
+            self.thunk = thunk
+        if self.thunk is None and _runs_thunks(RequestHandlerClass):
+            raise TypeError("thunk must be callable when RequestHandlerClass"
+                            " is a ThunkHandler, not None")
         if max_requests is not None:
+            _check_max_requests(max_requests)
             self.max_requests = max_requests
-        if self.max_requests is not None:
-            _check_max_requests(self.max_requests)
-        self.thunk = thunk
         super().__init__(server_address, RequestHandlerClass, *args, **kwargs)
 
     @classmethod
@@ -507,9 +547,11 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
         For sockets from tcp_listen(), socket.create_server() or a parent
         process.  The server owns the socket from now on: server_close()
-        closes it.  Keyword arguments are those of the constructor.
-        Raises TypeError or ValueError if listener is not a listening
-        TCP socket.
+        closes it.  Keyword arguments are those of the constructor.  As the
+        socket is bound already, server_bind() is not called: a class that
+        does more there (HTTPServer sets server_name and server_port) must
+        be given that by hand.  Raises TypeError or ValueError if listener
+        is not a listening TCP socket.
         """
         if not isinstance(listener, socket.socket):
             raise TypeError("listener must be a socket, not %s"
@@ -540,38 +582,245 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         ``[tcp-server]``; a string replaces the prefix.  Raises TypeError or
         ValueError for another debug value.
         """
-        if not isinstance(debug, (bool, str)):
-            raise TypeError("debug must be a bool or a prefix str, not %s"
-                            % type(debug).__name__)
-        if debug == "":
-            raise ValueError("debug prefix must not be empty")
+        if not isinstance(debug, (bool, str)) or debug == "":
+            error = ValueError if debug == "" else TypeError
+            raise error("debug must be a bool or a non-empty str, not %r"
+                        % (debug,))
         self.debug = debug
-        self.log("waiting for requests...")
+        self.log("waiting for requests...", logging.INFO)
         self.serve_forever(poll_interval)
 
-    def log(self, message: str) -> None:
+    def log(self, message: str, level: int = logging.DEBUG) -> None:
         """Report one diagnostic event.  May be overridden.
 
-        Sends message to logging.getLogger("tcpserver") at INFO, and when
-        debug is on writes it to sys.stderr as ``[prefix] message``.
-        Called from the accept thread and from request threads.
+        Sends message to logging.getLogger("tcpserver") at level: DEBUG for
+        each request's lines, INFO for the server's, WARNING for failures
+        to accept.  When debug is on, also writes ``[prefix] message`` to
+        sys.stderr.  Called from the accept thread and request threads.
         """
-        logger.info("%s", message)
+        logger.log(level, "%s", message)
         if self.debug and sys.stderr is not None:
             prefix = DEFAULT_PREFIX if self.debug is True else self.debug
             sys.stderr.write("[%s] %s\n" % (prefix, message))
             sys.stderr.flush()
 
-    # -- accept thread ------------------------------------------------------
+    # -- the accept thread: serve_forever() or handle_request() ---------------
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Serve until shutdown(), as socketserver does.  May be extended.
 
-        While it runs, sys.stdin and sys.stdout are per-thread: each thunk
-        sees its connection, every other thread the streams it had.
+        With a ThunkHandler, sys.stdin and sys.stdout are per-thread while
+        it runs: each thunk sees its connection, every other thread the
+        streams it had.  While every slot is busy the loop still wakes each
+        poll_interval, for shutdown() and service_actions().
         """
-        with _switch:
-            super().serve_forever(poll_interval)
+        self._poll_interval = poll_interval
+        try:
+            if _runs_thunks(self.RequestHandlerClass):
+                with _switch:
+                    super().serve_forever(poll_interval)
+            else:
+                super().serve_forever(poll_interval)
+        finally:
+            self._poll_interval = None
+
+    def get_request(self) -> Tuple[socket.socket, _Address]:
+        """Take a free slot, then accept a connection through accept_connection().
+
+        Called by serve_forever() and handle_request() in the accept thread
+        once select() reports a pending connection.  Raises OSError when no
+        slot frees within the poll interval or shutdown() ends the wait, so
+        serve_forever() can poll again, or when accepting fails: that is
+        logged once for a run of failures and, when descriptors or memory
+        ran out, followed by a growing back-off, so the loop neither dies
+        nor spins.  May be extended.
+        """
+        self._take_slot()
+        try:
+            request, client_address = self.accept_connection(self.socket)
+        except OSError as exc:
+            self._accept_failed(exc)
+            raise
+        if self._accept_errors:
+            self.log("accept works again after %d failures"
+                     % self._accept_errors, logging.WARNING)
+            self._accept_errors = 0
+        return request, client_address
+
+    def _take_slot(self) -> None:
+        """Hold a slot for the next connection; raise OSError if none frees."""
+        limit = self.max_requests
+
+        def full() -> bool:
+            return limit is not None and self._taken >= limit
+
+        with self._slots:
+            if self._pending:
+                return  # still held: the last accept failed
+            became_full = full() and not self._full
+            self._full = self._full or became_full
+        if became_full:
+            self.log("all %d request slots busy; new clients wait" % limit,
+                     logging.INFO)
+        with self._slots:
+            self._slots.wait_for(lambda: self._stopping or not full(),
+                                 self._poll_interval)
+            if self._stopping or full():
+                raise OSError("no request slot is free")
+            self._taken += 1
+            self._pending = True
+            freed, self._full = self._full, False
+        if freed:
+            self.log("a request slot is free; accepting again", logging.INFO)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Log the first of a run of accept errors; back off if resources ran out."""
+        self._accept_errors += 1
+        if self._accept_errors == 1:
+            self.log("accept failed: %s" % (exc,), logging.WARNING)
+        if exc.errno in _RESOURCE_ERRNOS:
+            delay = min(1.0, 0.01 * 2 ** (self._accept_errors - 1))
+            with self._slots:
+                self._slots.wait_for(lambda: self._stopping, delay)
+
+    def process_request(self, request: socket.socket,
+                        client_address: _Address) -> None:
+        """Start a thread that runs process_request_thread().  May be extended.
+
+        The request takes over the slot get_request() held.  Threads are
+        named tcpserver-N for the N-th request, are daemons if
+        daemon_threads is true, and are joined by server_close() if
+        block_on_close is true.
+        """
+        with self._slots:
+            self._pending = False
+            self._dispatched += 1
+            number = self._open[request] = self._dispatched
+        thread = threading.Thread(
+            target=self._run_request_thread, args=(request, client_address),
+            name="tcpserver-%d" % number, daemon=self.daemon_threads)
+        if self.block_on_close and not thread.daemon:
+            self._handler_threads.add(thread)
+        try:
+            thread.start()
+        except BaseException:
+            self._handler_threads.discard(thread)
+            raise
+
+    # -- a request's own thread ---------------------------------------------
+
+    def _run_request_thread(self, request: socket.socket,
+                            client_address: _Address) -> None:
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self._handler_threads.discard(threading.current_thread())
+
+    def process_request_thread(self, request: socket.socket,
+                               client_address: _Address) -> None:
+        """Serve one connection in its own thread, then close it.
+
+        Calls get_addresses(), then finish_request() with the peer as
+        client_address.  On success the connection is shut down (FIN).  If
+        the client went away (client_gone()) or get_addresses() failed (a
+        TLS handshake, say), it is closed with one diagnostic line and no
+        traceback.  Any other exception goes to handle_error() (if it is an
+        Exception: SystemExit and the like are re-raised) and the
+        connection is reset through abort_request().  The slot always
+        comes back.  May be extended.
+        """
+        began = time.monotonic()
+        peer = client_address
+        started = False
+        outcome = "ok"
+        try:
+            local, peer = self.get_addresses(request)
+            started = True
+            self._log_start(request, peer)
+            _bound.local_address = local
+            self.finish_request(request, peer)
+        except BaseException as exc:
+            outcome = "%s, %s: %s" % (self._failure_kind(request, exc, started),
+                                      type(exc).__name__, exc)
+            if not isinstance(exc, Exception):
+                raise
+            if outcome.startswith("error"):
+                self.handle_error(request, peer)
+        finally:
+            _bound.local_address = None
+            if outcome.startswith("error"):
+                self.abort_request(request, peer)
+            else:
+                self.shutdown_request(request)
+            self.log("%s finished (%s) in %.3fs."
+                     % (threading.current_thread().name, outcome,
+                        time.monotonic() - began))
+
+    def _log_start(self, request: socket.socket, peer: _Address) -> None:
+        with self._slots:
+            number, active = self._open.get(request, 0), len(self._open)
+        self.log("request %d from %s; %s (of %d) started..."
+                 % (number, _host(peer), threading.current_thread().name,
+                    active))
+
+    def _failure_kind(self, request: socket.socket, exc: BaseException,
+                      started: bool) -> str:
+        """Return "client gone", "setup failed" or "error" for a request's exception."""
+        if self.client_gone(request, exc):
+            return "client gone"
+        if isinstance(exc, OSError) and not started:
+            return "setup failed"
+        return "error"
+
+    def client_gone(self, request: socket.socket, exc: BaseException) -> bool:
+        """Return True if exc means the client went away, not a bug.  May be overridden.
+
+        True for an OSError (broken pipe, reset, ...) when the connection
+        itself is no longer connected, so a reset from some other socket
+        the handler uses still counts as an error.
+        """
+        if not isinstance(exc, OSError):
+            return False
+        try:
+            request.getpeername()
+        except OSError:
+            return True
+        return False
+
+    def abort_request(self, request: socket.socket, peer: _Address) -> None:
+        """Close a failed request's connection with RST.  May be overridden.
+
+        Calls prepare_hard_close(request), then close_request(request).
+        """
+        self.log("closing connection to %s with a reset..." % (_host(peer),))
+        try:
+            self.prepare_hard_close(request)
+        except OSError:
+            pass  # already gone: closing is all there is left to do
+        finally:
+            self.close_request(request)
+
+    # -- any thread ---------------------------------------------------------
+
+    def close_request(self, request: socket.socket) -> None:
+        """Close one connection and give its slot back.  May be extended.
+
+        Called in the request's thread, or in the accept thread for a
+        connection that verify_request() refused or that could not be
+        handed to a thread.
+        """
+        try:
+            super().close_request(request)
+        finally:
+            with self._slots:
+                held = self._open.pop(request, None) is not None
+                if not held and self._pending:
+                    held, self._pending = True, False
+                if held:
+                    self._taken -= 1
+                    self._slots.notify()
+
+    # -- the caller's thread ------------------------------------------------
 
     def shutdown(self) -> None:
         """Stop the serve_forever() loop and wait until it has stopped.
@@ -590,159 +839,6 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             with self._slots:
                 self._stopping = False
 
-    def get_request(self) -> Tuple[socket.socket, _Address]:
-        """Wait for a free slot, then accept a connection through accept_connection().
-
-        Called by serve_forever() and handle_request() in the accept thread.
-        Raises OSError if shutdown() ends the wait, or if accepting fails
-        (then socketserver moves on to the next connection).
-        """
-        self._take_slot()
-        try:
-            request, client_address = self.accept_connection(self.socket)
-        except BaseException as exc:
-            self._give_slot()
-            if isinstance(exc, OSError):
-                self.log("accept failed: %s" % (exc,))
-            raise
-        with self._slots:
-            self._accepted += 1
-            self._open[request] = self._accepted
-        return request, client_address
-
-    def _take_slot(self) -> None:
-        """Wait until a slot is free and take it; raise OSError on shutdown()."""
-        limit = self.max_requests
-        with self._slots:
-            full = limit is not None and self._taken >= limit
-        if full:
-            self.log("all %d request slots busy; new clients wait" % limit)
-        with self._slots:
-            while limit is not None and self._taken >= limit:
-                if self._stopping:
-                    raise OSError("server is shutting down")
-                self._slots.wait()
-            self._taken += 1
-        if full:
-            self.log("a request slot is free; accepting again")
-
-    def _give_slot(self) -> None:
-        with self._slots:
-            self._taken -= 1
-            self._slots.notify()
-
-    def process_request(self, request: socket.socket,
-                        client_address: _Address) -> None:
-        """Start a thread that runs process_request_thread().  May be extended.
-
-        Threads are named tcpserver-N for the N-th accepted connection,
-        are daemons if daemon_threads is true, and are joined by
-        server_close() if block_on_close is true.
-        """
-        with self._slots:
-            number = self._open.get(request, self._accepted)
-        thread = threading.Thread(
-            target=self._run_request_thread, args=(request, client_address),
-            name="tcpserver-%d" % number, daemon=self.daemon_threads)
-        if self.block_on_close and not thread.daemon:
-            self._handler_threads.add(thread)
-        try:
-            thread.start()
-        except BaseException:
-            self._handler_threads.discard(thread)
-            raise
-
-    def _run_request_thread(self, request: socket.socket,
-                            client_address: _Address) -> None:
-        try:
-            self.process_request_thread(request, client_address)
-        finally:
-            self._handler_threads.discard(threading.current_thread())
-
-    # -- request thread -----------------------------------------------------
-
-    def process_request_thread(self, request: socket.socket,
-                               client_address: _Address) -> None:
-        """Serve one connection in its own thread, then close it.
-
-        Calls get_addresses(), then finish_request() with the peer as
-        client_address.  On success the connection is shut down (FIN).  If
-        get_addresses() raised OSError (the client left, a TLS handshake
-        failed) or the client went away later (client_gone()), it is closed
-        with one diagnostic line and no traceback.  Any other exception
-        goes to handle_error() and the connection is reset through
-        prepare_hard_close().  The slot always comes back.
-        """
-        began = time.monotonic()
-        name = threading.current_thread().name
-        peer = client_address
-        started = failed = False
-        try:
-            local, peer = self.get_addresses(request)
-            started = True
-            with self._slots:
-                number, active = self._open.get(request, 0), len(self._open)
-            self.log("request %d from %s; %s (of %d) started..."
-                     % (number, _host(peer), name, active))
-            _bound.local_address = local
-            self.finish_request(request, peer)
-            outcome = "ok"
-        except Exception as exc:
-            outcome = "%s: %s" % (type(exc).__name__, exc)
-            if isinstance(exc, OSError) and not started:
-                outcome = "setup failed, " + outcome  # a TLS handshake, say
-            elif self.client_gone(request, exc):
-                outcome = "client gone, " + outcome
-            else:
-                failed = True
-                outcome = "error, " + outcome
-                self.handle_error(request, peer)
-        finally:
-            _bound.local_address = None
-            if failed:
-                self.abort_request(request, peer)
-            else:
-                self.shutdown_request(request)
-        self.log("%s finished (%s) in %.3fs."
-                 % (name, outcome, time.monotonic() - began))
-
-    def client_gone(self, request: socket.socket, exc: Exception) -> bool:
-        """Return True if exc means the client went away, not a bug.  May be overridden.
-
-        True for an OSError (broken pipe, reset, ...) when the connection
-        itself is no longer connected, so a reset from some other socket
-        the handler uses still counts as an error.
-        """
-        if not isinstance(exc, OSError):
-            return False
-        try:
-            request.getpeername()
-        except OSError:
-            return True
-        return False
-
-    def abort_request(self, request: socket.socket, peer: _Address) -> None:
-        """Close a failed request's connection with RST, through prepare_hard_close()."""
-        self.log("closing connection to %s with a reset..." % (_host(peer),))
-        try:
-            self.prepare_hard_close(request)
-        except OSError:
-            pass  # already gone: closing is all there is left to do
-        finally:
-            self.close_request(request)
-
-    def close_request(self, request: socket.socket) -> None:
-        """Close one connection and give its slot back.  May be extended."""
-        try:
-            super().close_request(request)
-        finally:
-            with self._slots:
-                held = self._open.pop(request, None) is not None
-            if held:
-                self._give_slot()
-
-    # -- caller's thread ----------------------------------------------------
-
     def server_close(self) -> None:
         """Close the listening socket, then wait for the request threads.
 
@@ -753,6 +849,12 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         super().server_close()
         for thread in list(self._handler_threads):
             thread.join()
+
+
+def _runs_thunks(handler_class: Any) -> bool:
+    """Return True if handler_class is a ThunkHandler (it may be a partial)."""
+    return isinstance(handler_class, type) and issubclass(handler_class,
+                                                          ThunkHandler)
 
 
 def _host(address: _Address) -> str:
