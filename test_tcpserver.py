@@ -7,7 +7,7 @@ thread or file descriptor behind.  Tests driven by real client programs
 missing; .ci/run installs them.
 """
 
-import contextlib
+import errno
 import functools
 import hashlib
 import http.server
@@ -140,12 +140,14 @@ class ServerTestCase(unittest.TestCase):
             sock.shutdown(socket.SHUT_WR)
             return read_all(sock)
 
-    def assert_reset(self, server, data=b""):
-        """Send data and expect the server to reset the connection."""
+    def assert_reset(self, server, data=b"", end_input=False):
+        """Send data (then end our side if end_input), expect a reset."""
         with self.assertRaises(ConnectionResetError):
             # The reset may come so soon that even connect() sees it.
             with socket.create_connection(self.address(server), timeout=TIMEOUT) as sock:
                 sock.sendall(data)
+                if end_input:
+                    sock.shutdown(socket.SHUT_WR)
                 read_all(sock)
 
     def log_to(self, emit):
@@ -300,6 +302,67 @@ class TestHooks(ServerTestCase):
         self.stop(server)
         self.assertEqual(seen, ["accept", "addresses", "hard close"])
 
+    def test_accept_errors_are_logged_once_and_backed_off(self):
+        calls = []
+
+        def accept(listener):
+            calls.append(time.monotonic())
+            if len(calls) <= 5:
+                raise OSError(errno.EMFILE, "Too many open files")
+            return tcpserver.tcp_accept(listener)
+
+        records = []
+        self.log_to(records.append)
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), lambda: print("served"))
+        server.accept_connection = accept
+        self.serve(server)
+        self.assertEqual(self.talk(server), b"served\n")
+        self.stop(server)
+        warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+        self.assertEqual(warnings, ["accept failed: [Errno 24] Too many open files",
+                                    "accept works again after 5 failures"])
+        gaps = [later - earlier for earlier, later in zip(calls, calls[1:])]
+        for number, gap in enumerate(gaps[:5]):  # 10 ms, then doubling
+            self.assertGreaterEqual(gap, 0.009 * 2 ** number, gaps)
+
+    def test_get_request_may_replace_the_socket(self):
+        # Legacy TLS code wraps the socket in get_request(), and a failed
+        # handshake raises there: neither may cost a slot.
+        attempts = []
+
+        class Wrapping(tcpserver.ThreadingTCPServer):
+            def get_request(self):
+                conn, address = super().get_request()
+                attempts.append(address)
+                if len(attempts) <= 2:
+                    conn.close()
+                    raise OSError("handshake failed")
+                return socket.socket(fileno=conn.detach()), address
+
+        server = self.serve(Wrapping(("127.0.0.1", 0), EchoHandler, max_requests=1))
+        for _ in range(2):
+            self.assertEqual(self.talk(server), b"")
+        for number in range(3):
+            self.assertEqual(self.talk(server, b"x\n"), b"2:x\n")
+        self.assertEqual(len(attempts), 5)
+
+    def test_accept_reports_ipv4_clients_of_dual_stack_as_ipv4(self):
+        seen = []
+
+        def verify(request, address):
+            seen.append(address)
+            return True
+
+        server = tcpserver.make_tcp_server(0, lambda: print(
+            tcpserver.current_connection().client_address))
+        server.verify_request = verify
+        self.serve(server)
+        with self.connect(server) as sock:
+            expected = sock.getsockname()
+            sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(read_all(sock).decode(), "%s\n" % (expected,))
+        self.assertEqual(seen, [expected])
+
     def test_hook_defaults(self):
         self.assertIs(tcpserver.ThreadingTCPServer.accept_connection, tcpserver.tcp_accept)
         self.assertIs(tcpserver.ThreadingTCPServer.get_addresses, tcpserver.tcp_addresses)
@@ -354,9 +417,11 @@ class TestTLSRecipe(ServerTestCase):
         return self.serve(server, debug)
 
     def tls_connect(self, server):
+        # A ragged EOF raises: an orderly end needs the server's close_notify.
         context = ssl.create_default_context(cafile=self.cert)
         sock = socket.create_connection(server.server_address, timeout=TIMEOUT)
-        return context.wrap_socket(sock, server_hostname="localhost")
+        return context.wrap_socket(sock, server_hostname="localhost",
+                                   suppress_ragged_eofs=False)
 
     def test_python_client(self):
         def thunk():
@@ -418,6 +483,7 @@ class TestTLSRecipe(ServerTestCase):
              "-servername", "localhost"],
             input=b"s_client\n", capture_output=True, timeout=TIMEOUT)
         self.assertEqual(result.stdout, b"hello s_client\n", result.stderr)
+        self.assertEqual(result.returncode, 0, result.stderr)  # no "unexpected eof"
 
 
 # ---------------------------------------------------------------------------
@@ -662,6 +728,49 @@ class TestStreams(ServerTestCase):
         self.stop(second)
         self.assertIs(sys.stdout, original_stdout)
 
+    def test_line_ends(self):
+        def thunk():
+            print([input() for _ in range(4)])
+
+        self.assertEqual(self.talk(self.start(thunk), b"a\nb\r\nc\rd\n"),
+                         b"['a', 'b', 'c', 'd']\n")
+
+    def test_surrogateescape_round_trip(self):
+        class BytesHandler(tcpserver.ThunkHandler):
+            decode_errors = encode_errors = "surrogateescape"
+
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), BytesHandler,
+                                                         thunk=lambda: print(input())))
+        self.assertEqual(self.talk(server, b"a\xffb\n"), b"a\xffb\n")
+
+    def test_main_thread_without_stdout(self):
+        self.addCleanup(setattr, sys, "stdout", sys.stdout)
+        sys.stdout = None  # a daemon whose stdout was closed
+        server = self.start(lambda: print("to the client"))
+        self.assertEqual(self.talk(server), b"to the client\n")
+        print("dropped, as print() drops it without a stdout")
+        self.stop(server)
+        self.assertIsNone(sys.stdout)
+
+    def test_thunk_may_close_its_stdout(self):
+        stderr = self.capture("stderr")
+
+        def thunk():
+            print("bye")
+            sys.stdout.close()
+
+        server = self.start(thunk)
+        with self.connect(server) as sock:
+            self.assertEqual(read_all(sock), b"bye\n")
+        self.stop(server)
+        self.assertEqual(stderr.getvalue(), "")
+
+    def test_legacy_handlers_leave_the_streams_alone(self):
+        original_stdout = sys.stdout
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler))
+        self.assertEqual(self.talk(server, b"x\n"), b"2:x\n")
+        self.assertIs(sys.stdout, original_stdout)
+
     def test_eof_on_input_ends_the_request_normally(self):
         stderr = self.capture("stderr")
 
@@ -675,6 +784,16 @@ class TestStreams(ServerTestCase):
         self.assertNotIn("Traceback", stderr.getvalue())
         self.assertIn("tcpserver-1 finished (ok)", stderr.getvalue())
 
+    def test_eof_error_after_the_end_of_input_is_still_an_error(self):
+        stderr = self.capture("stderr")
+
+        def thunk():
+            sys.stdin.read()
+            raise EOFError("backend record truncated")
+
+        self.assert_reset(self.start(thunk), end_input=True)
+        self.assertIn("EOFError: backend record truncated", stderr.getvalue())
+
     def test_other_eof_errors_are_errors(self):
         stderr = self.capture("stderr")
 
@@ -682,9 +801,7 @@ class TestStreams(ServerTestCase):
             raise EOFError("not the client's end of input")
 
         server = self.start(thunk)
-        with self.connect(server) as sock:
-            with self.assertRaises(ConnectionResetError):
-                read_all(sock)
+        self.assert_reset(server)
         self.stop(server)
         self.assertIn("EOFError: not the client's end of input", stderr.getvalue())
 
@@ -787,6 +904,11 @@ class TestLimit(ServerTestCase):
         socks = [self.connect(server) for _ in range(count)]
         self.assertEqual([read_all(sock) for sock in socks], [b"done\n"] * count)
 
+    def test_make_tcp_server_default_limit_is_the_eggs(self):
+        with tcpserver.make_tcp_server(("127.0.0.1", 0), print) as server:
+            self.assertEqual(server.max_requests, 10000)
+            self.assertEqual(tcpserver.DEFAULT_MAX_REQUESTS, 10000)
+
     def test_class_attribute_limit(self):
         class Limited(tcpserver.ThreadingTCPServer):
             max_requests = 7
@@ -838,12 +960,16 @@ class TestLimit(ServerTestCase):
             print("ok")
 
         listener = socket.create_server(("127.0.0.1", 0))
-        for source in (listener, ("127.0.0.1", 0), 0):
+        with tcpserver.tcp_listen(0, host="127.0.0.1") as original:
+            # as a socket inherited from a parent process arrives
+            inherited = socket.socket(fileno=os.dup(original.fileno()))
+        for source in (listener, inherited, ("127.0.0.1", 0), 0):
             with self.subTest(listener=source):
                 server = self.start_from(source, thunk)
                 self.assertEqual(self.talk(server), b"ok\n")
                 self.stop(server)
         self.assertEqual(listener.fileno(), -1)  # the server owned and closed it
+        self.assertEqual(inherited.fileno(), -1)
 
     def start_from(self, listener, thunk):
         return self.serve(tcpserver.make_tcp_server(listener, thunk))
@@ -908,6 +1034,19 @@ class TestErrors(ServerTestCase):
         self.stop(server)
         self.assertIn("Traceback", stderr.getvalue())
         self.assertIn("finished (error, ConnectionResetError", stderr.getvalue())
+
+    def test_system_exit_in_a_thunk_resets(self):
+        stderr = self.capture("stderr")
+
+        def thunk():
+            print("partial")
+            sys.exit(3)
+
+        server = self.start(thunk, debug=True)
+        self.assert_reset(server)
+        self.assert_reset(server)  # again: the server goes on serving
+        self.stop(server)
+        self.assertIn("finished (error, SystemExit: 3)", stderr.getvalue())
 
     def test_debug_lines(self):
         for debug, prefix in [(True, "tcp-server"), ("myname", "myname")]:
@@ -1020,6 +1159,10 @@ class ThreadingHTTPServer(tcpserver.ThreadingTCPServer, http.server.HTTPServer):
     """What a user writes to put http.server on tcpserver."""
 
 
+class HTTPServerStdlibFirst(http.server.HTTPServer, tcpserver.ThreadingTCPServer):
+    """The other order works too."""
+
+
 class XMLRPCServer(xmlrpc.server.SimpleXMLRPCServer, tcpserver.ThreadingTCPServer):
     """The stdlib class first: its __init__ skips ours; the limit is a class attribute."""
     max_requests = 8
@@ -1058,23 +1201,26 @@ class TestLegacy(ServerTestCase):
             server.handle_request()
             self.assertEqual(read_all(sock), b"5:once\n")
 
-    def http_server(self, directory):
+    def http_server(self, directory, cls=ThreadingHTTPServer):
         with open(os.path.join(directory, "index.txt"), "w") as f:
             f.write("served by tcpserver\n")
         handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
-        server = self.serve(ThreadingHTTPServer(("127.0.0.1", 0), handler, max_requests=4))
+        server = self.serve(cls(("127.0.0.1", 0), handler, max_requests=4))
+        self.assertEqual(server.max_requests, 4)
+        self.assertEqual(server.server_port, server.server_address[1])  # HTTPServer's bind ran
         return "http://127.0.0.1:%d/" % server.server_address[1]
 
     def test_http_server_with_urllib(self):
         self.capture("stderr")  # the request log of http.server
-        with tempfile.TemporaryDirectory() as directory:
-            url = self.http_server(directory)
-            with urllib.request.urlopen(url + "index.txt", timeout=TIMEOUT) as reply:
-                self.assertEqual(reply.read(), b"served by tcpserver\n")
-            with self.assertRaises(urllib.error.HTTPError) as caught:
-                urllib.request.urlopen(url + "missing", timeout=TIMEOUT)
-            self.assertEqual(caught.exception.code, 404)
-            caught.exception.close()
+        for cls in (ThreadingHTTPServer, HTTPServerStdlibFirst):
+            with self.subTest(cls=cls.__name__), tempfile.TemporaryDirectory() as directory:
+                url = self.http_server(directory, cls)
+                with urllib.request.urlopen(url + "index.txt", timeout=TIMEOUT) as reply:
+                    self.assertEqual(reply.read(), b"served by tcpserver\n")
+                with self.assertRaises(urllib.error.HTTPError) as caught:
+                    urllib.request.urlopen(url + "missing", timeout=TIMEOUT)
+                self.assertEqual(caught.exception.code, 404)
+                caught.exception.close()
 
     @unittest.skipUnless(shutil.which("curl"), "curl is not installed (apt-get install curl)")
     def test_http_server_with_curl(self):
