@@ -37,8 +37,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_BACKLOG",
+    "DEFAULT_DRAIN_TIMEOUT",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_MAX_LINE",
     "DEFAULT_MAX_REQUESTS",
     "DEFAULT_PREFIX",
+    "IdleTimeout",
+    "LineTooLong",
     "ThreadingTCPServer",
     "ThunkHandler",
     "current_connection",
@@ -58,7 +63,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 #: Listen queue length of tcp_listen() and ThreadingTCPServer: as long as
 #: the OS allows, so clients waiting for a slot are queued, not refused.
@@ -69,6 +74,27 @@ DEFAULT_MAX_REQUESTS = 10000
 
 #: The egg's default prefix of diagnostic lines: ``[tcp-server] ...``.
 DEFAULT_PREFIX = "tcp-server"
+
+#: Seconds server_close() lets running requests finish before resetting them.
+DEFAULT_DRAIN_TIMEOUT = 10.0
+
+#: Longest line, in characters, a thunk reads from sys.stdin.
+DEFAULT_MAX_LINE = 64 * 1024
+
+#: Seconds a TLS client has to complete its handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+# Seconds a request thread has to end once its connection was reset.
+_RESET_GRACE = 5.0
+
+# What stats() counts, besides "active".
+_STATS = ("accepted", "completed", "failed", "refused", "peak_active")
+
+# How a request may end that earns its connection a reset (RST).
+_RESET_KINDS = frozenset(("error", "timed out", "line too long"))
+
+# Marks a keyword argument left out, where None is a value of its own.
+_UNSET = object()
 
 # The arguments of the EOFError that input() raises at the end of input.
 _INPUT_EOF = ("EOF when reading a line",)
@@ -98,6 +124,42 @@ def _check_int(name: str, value: object, minimum: int, maximum: int,
 
 def _check_max_requests(value: object) -> None:
     _check_int("max_requests", value, 1, sys.maxsize, "a positive int or None")
+
+
+def _check_seconds(name: str, value: object, zero_ok: bool = False) -> None:
+    """Raise TypeError or ValueError unless value is None or a number > 0 (>= 0)."""
+    if value is None:
+        return
+    expected = "a number of seconds %s or None" % (">= 0" if zero_ok else "> 0")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError("%s must be %s, not %s"
+                        % (name, expected, type(value).__name__))
+    if not (value >= 0 if zero_ok else value > 0):
+        raise ValueError("%s must be %s, not %r" % (name, expected, value))
+
+
+# ---------------------------------------------------------------------------
+# Exceptions a thunk may meet on its streams: both are the client's doing.
+# ---------------------------------------------------------------------------
+
+class IdleTimeout(socket.timeout):
+    """The client sent nothing, or read nothing, for the idle timeout.
+
+    Raised by reads from sys.stdin and writes to sys.stdout in a thunk when
+    the server's idle_timeout (or the handler's timeout) runs out.  A thunk
+    may catch it (it is a socket.timeout, so TimeoutError from 3.10 on);
+    uncaught, it ends the request with one diagnostic line and a reset.
+    """
+
+
+class LineTooLong(ValueError):
+    """A line from the client is longer than the server's max_line characters.
+
+    Raised by sys.stdin.readline(), input() and iteration over sys.stdin
+    once max_line characters arrived without a line end; the characters
+    read so far are dropped, and reading goes on after them.  Uncaught, it
+    ends the request with one diagnostic line and a reset.
+    """
 
 
 # ---------------------------------------------------------------------------
@@ -333,7 +395,11 @@ class _SocketReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         if not self._output.closed:
             self._output.flush()
-        count = self._sock.recv_into(buffer)
+        try:
+            count = self._sock.recv_into(buffer)
+        except socket.timeout:
+            raise IdleTimeout("the client sent nothing for %s seconds"
+                              % (self._sock.gettimeout(),)) from None
         self.at_eof = count == 0
         return count
 
@@ -342,7 +408,12 @@ class _SocketReader(io.RawIOBase):
 
 
 class _SocketWriter(io.RawIOBase):
-    """Unbuffered writes to a socket, each one sent whole."""
+    """Unbuffered writes to a socket.
+
+    Each write is one send(), so a timeout bounds the wait for the client
+    to make room, not the time a large write takes; the buffer above sends
+    the rest.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
@@ -352,12 +423,34 @@ class _SocketWriter(io.RawIOBase):
         return True
 
     def write(self, data: Any) -> int:
-        self._sock.sendall(data)
-        with memoryview(data) as view:
-            return view.nbytes
+        try:
+            return self._sock.send(data)
+        except socket.timeout:
+            raise IdleTimeout("the client read nothing for %s seconds"
+                              % (self._sock.gettimeout(),)) from None
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+
+class _TextReader(io.TextIOWrapper):
+    """sys.stdin of a thunk: readline() refuses lines over max_line characters.
+
+    input() and iteration over the stream go through readline(), so one
+    check covers them all, and memory stays bounded by max_line.
+    """
+
+    max_line = None  # type: Optional[int]
+
+    def readline(self, size: int = -1) -> str:
+        limit = self.max_line
+        if limit is None or 0 <= size <= limit:
+            return super().readline(size)
+        line = super().readline(limit + 1)
+        if len(line) > limit and not line.endswith("\n"):
+            raise LineTooLong("line longer than max_line=%d characters"
+                              % limit)
+        return line
 
 
 class ThunkHandler(socketserver.StreamRequestHandler):
@@ -368,7 +461,9 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     ``.buffer`` attributes are the binary ``self.rfile`` and ``self.wfile``.
     Output is flushed at every newline (unless line_buffering is False),
     before every read that has to wait for the client, and when the thunk
-    returns.  An EOFError from input() at the end of the client's input
+    returns.  Reads and writes raise IdleTimeout after the server's
+    idle_timeout without progress; a line longer than the server's max_line
+    raises LineTooLong.  An EOFError from input() at the end of the client's input
     that escapes the thunk ends the request normally.  Any other exception
     propagates to the server, which logs it and resets the connection.
 
@@ -422,8 +517,9 @@ class ThunkHandler(socketserver.StreamRequestHandler):
                                        line_buffering=self.line_buffering)
         self.rfile = io.BufferedReader(
             _SocketReader(self.connection, self.stdout), self.rbufsize)
-        self.stdin = io.TextIOWrapper(self.rfile, encoding=self.encoding,
-                                      errors=self.decode_errors)
+        self.stdin = _TextReader(self.rfile, encoding=self.encoding,
+                                 errors=self.decode_errors)
+        self.stdin.max_line = self.server.max_line
 
     def handle(self) -> None:
         """Call the thunk with this thread's standard streams bound, then flush."""
@@ -480,14 +576,32 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     - client_gone(request, exc): does exc mean the client left?
     - abort_request(request, peer): reset a failed connection.
 
-    Class variables that may be overridden by subclasses or instances:
-    those of the parent, and max_requests (None: no limit), thunk (None)
-    and debug (False, True for the prefix DEFAULT_PREFIX, or a prefix).
+    Class variables that may be overridden by subclasses or instances
+    (the constructor takes most of them as keywords too): those of the
+    parent, and
+
+    - thunk: the function each ThunkHandler calls, None;
+    - max_requests: requests served at once, None for no limit;
+    - max_per_client: connections from one IP address at once, None;
+    - idle_timeout (keyword timeout): seconds a connection may make no
+      progress, None for no limit; a handler's own timeout wins;
+    - drain_timeout: seconds server_close() gives running requests before
+      it resets their connections, DEFAULT_DRAIN_TIMEOUT; None waits;
+    - max_line: longest line a thunk reads, DEFAULT_MAX_LINE; None: no cap;
+    - ssl_context: an ssl.SSLContext to serve TLS with, None;
+    - handshake_timeout: seconds a TLS client has for its handshake;
+    - debug: False, True for the prefix DEFAULT_PREFIX, or a prefix.
     """
 
     request_queue_size = DEFAULT_BACKLOG
-    max_requests = None  # type: Optional[int]
     thunk = None  # type: Optional[_Thunk]
+    max_requests = None  # type: Optional[int]
+    max_per_client = None  # type: Optional[int]
+    idle_timeout = None  # type: Optional[float]
+    drain_timeout = DEFAULT_DRAIN_TIMEOUT  # type: Optional[float]
+    max_line = DEFAULT_MAX_LINE  # type: Optional[int]
+    ssl_context = None  # type: Any
+    handshake_timeout = DEFAULT_HANDSHAKE_TIMEOUT  # type: float
     debug = False  # type: Union[bool, str]
 
     accept_connection = staticmethod(tcp_accept)
@@ -500,45 +614,107 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         Server classes combined with this one may call TCPServer.__init__
         directly (SimpleXMLRPCServer does) and so skip ours.
         """
-        if cls.max_requests is not None:
-            _check_max_requests(cls.max_requests)
         self = super().__new__(cls)
+        self._check_settings()
         self._slots = threading.Condition()  # guards the state below
         self._taken = 0          # slots held: open requests, and one pending
         self._pending = False    # the accept thread holds a slot, no request
         self._full = False       # "all slots busy" has been logged
         self._stopping = False   # shutdown() wants the accept thread back
-        self._open = {}          # type: dict  # request -> its number
+        self._open = {}          # type: dict  # request -> (number, host)
+        self._per_client = {}    # type: Dict[str, int]  # host -> open
+        self._counts = dict.fromkeys(_STATS, 0)  # stats() without "active"
         self._dispatched = 0     # requests handed to a thread so far
         self._accept_errors = 0  # failed accepts in a row
         self._poll_interval = None  # type: Optional[float]
+        self._serving = False
         self._handler_threads = set()  # type: set
         return self
 
     def __init__(self, server_address: _Address, RequestHandlerClass: Any,
-                 *args: Any, thunk: Optional[_Thunk] = None,
-                 max_requests: Optional[int] = None, **kwargs: Any) -> None:
+                 *args: Any, thunk: Any = _UNSET, max_requests: Any = _UNSET,
+                 max_per_client: Any = _UNSET, timeout: Any = _UNSET,
+                 drain_timeout: Any = _UNSET, max_line: Any = _UNSET,
+                 ssl_context: Any = _UNSET, **kwargs: Any) -> None:
         """Constructor.  May be extended, do not override.
 
         As socketserver's (server_address, RequestHandlerClass,
-        bind_and_activate=True), plus keyword-only thunk, the function each
-        ThunkHandler calls, and max_requests, a positive int; None keeps
-        the class attributes.  Other arguments go on to the next class's
-        __init__, so this class combines with other server classes.
-        Raises TypeError or ValueError for bad arguments.
+        bind_and_activate=True), plus keyword-only settings that replace
+        the class attributes of the same name (timeout sets idle_timeout;
+        the parent's timeout, for handle_request(), is left alone).  Other
+        arguments go on to the next class's __init__, so this class
+        combines with other server classes.  Raises TypeError or ValueError
+        for bad arguments, before anything is bound.
         """
-        if thunk is not None:
-            if not callable(thunk):
-                raise TypeError("thunk must be callable, not %s"
-                                % type(thunk).__name__)
-            self.thunk = thunk
+        settings = {"thunk": thunk, "max_requests": max_requests,
+                    "max_per_client": max_per_client, "idle_timeout": timeout,
+                    "drain_timeout": drain_timeout, "max_line": max_line,
+                    "ssl_context": ssl_context}
+        for name, value in settings.items():
+            if value is not _UNSET:
+                setattr(self, name, value)
+        self._check_settings()
         if self.thunk is None and _runs_thunks(RequestHandlerClass):
             raise TypeError("thunk must be callable when RequestHandlerClass"
                             " is a ThunkHandler, not None")
-        if max_requests is not None:
-            _check_max_requests(max_requests)
-            self.max_requests = max_requests
+        if self.ssl_context is not None:
+            self._serve_tls()
         super().__init__(server_address, RequestHandlerClass, *args, **kwargs)
+
+    def _check_settings(self) -> None:
+        """Raise TypeError or ValueError for a setting out of its range."""
+        if self.thunk is not None and not callable(self.thunk):
+            raise TypeError("thunk must be callable, not %s"
+                            % type(self.thunk).__name__)
+        for name in ("max_requests", "max_per_client", "max_line"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1, sys.maxsize,
+                           "a positive int or None")
+        _check_seconds("idle_timeout", self.idle_timeout)
+        _check_seconds("handshake_timeout", self.handshake_timeout)
+        _check_seconds("drain_timeout", self.drain_timeout, zero_ok=True)
+        if (self.ssl_context is not None
+                and not hasattr(self.ssl_context, "wrap_socket")):
+            raise TypeError("ssl_context must be an ssl.SSLContext or None, "
+                            "not %s" % type(self.ssl_context).__name__)
+
+    def _serve_tls(self) -> None:
+        """Put the TLS hooks in front of the TCP hooks, for this instance."""
+        self._tcp_accept = self.accept_connection
+        self._tcp_addresses = self.get_addresses
+        self.accept_connection = self.tls_accept_connection
+        self.get_addresses = self.tls_get_addresses
+
+    def tls_accept_connection(self, listener: socket.socket
+                              ) -> Tuple[socket.socket, _Address]:
+        """The accept_connection hook when serving TLS: accept, wrap, no handshake.
+
+        The handshake would hold up the accept loop, so it is left to
+        tls_get_addresses(), in the connection's own thread.
+        """
+        conn, peer = self._tcp_accept(listener)
+        try:
+            conn = self.ssl_context.wrap_socket(
+                conn, server_side=True, do_handshake_on_connect=False)
+        except BaseException:
+            conn.close()
+            raise
+        return conn, peer
+
+    def tls_get_addresses(self, conn: socket.socket
+                          ) -> Tuple[_Address, _Address]:
+        """The get_addresses hook when serving TLS: the handshake, then the addresses.
+
+        Runs in the connection's own thread.  A client that stays silent,
+        speaks plaintext or offers what the context refuses raises OSError
+        (ssl.SSLError, or IdleTimeout-like socket.timeout after
+        handshake_timeout seconds): the server closes it with one
+        diagnostic line.
+        """
+        conn.settimeout(self.handshake_timeout)
+        conn.do_handshake()
+        conn.settimeout(None)
+        return self._tcp_addresses(conn)
 
     @classmethod
     def from_listener(cls, listener: socket.socket, RequestHandlerClass: Any,
@@ -615,6 +791,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         poll_interval, for shutdown() and service_actions().
         """
         self._poll_interval = poll_interval
+        self._serving = True
         try:
             if _runs_thunks(self.RequestHandlerClass):
                 with _switch:
@@ -622,7 +799,13 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             else:
                 super().serve_forever(poll_interval)
         finally:
+            self._serving = False
             self._poll_interval = None
+
+    @property
+    def serving(self) -> bool:
+        """True while serve_forever() runs."""
+        return self._serving
 
     def get_request(self) -> Tuple[socket.socket, _Address]:
         """Take a free slot, then accept a connection through accept_connection().
@@ -645,6 +828,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self.log("accept works again after %d failures"
                      % self._accept_errors, logging.WARNING)
             self._accept_errors = 0
+        with self._slots:
+            self._counts["accepted"] += 1
         return request, client_address
 
     def _take_slot(self) -> None:
@@ -687,15 +872,29 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                         client_address: _Address) -> None:
         """Start a thread that runs process_request_thread().  May be extended.
 
-        The request takes over the slot get_request() held.  Threads are
-        named tcpserver-N for the N-th request, are daemons if
-        daemon_threads is true, and are joined by server_close() if
-        block_on_close is true.
+        The request takes over the slot get_request() held.  A client that
+        already has max_per_client connections open is refused: closed at
+        once, counted, logged.  Threads are named tcpserver-N for the N-th
+        request, are daemons if daemon_threads is true, and are joined by
+        server_close() if block_on_close is true.
         """
+        host = _host(client_address)
         with self._slots:
-            self._pending = False
-            self._dispatched += 1
-            number = self._open[request] = self._dispatched
+            refused = (self.max_per_client is not None and
+                       self._per_client.get(host, 0) >= self.max_per_client)
+            if not refused:
+                self._pending = False
+                self._dispatched += 1
+                number = self._dispatched
+                self._open[request] = (number, host)
+                self._per_client[host] = self._per_client.get(host, 0) + 1
+                self._counts["peak_active"] = max(self._counts["peak_active"],
+                                                  len(self._open))
+        if refused:
+            self.log("refused %s: %d connections from it already"
+                     % (host, self.max_per_client), logging.INFO)
+            self.close_request(request)
+            return
         thread = threading.Thread(
             target=self._run_request_thread, args=(request, client_address),
             name="tcpserver-%d" % number, daemon=self.daemon_threads)
@@ -732,44 +931,53 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         began = time.monotonic()
         peer = client_address
         started = False
-        outcome = "ok"
+        kind = outcome = "ok"
         try:
             local, peer = self.get_addresses(request)
             started = True
+            if self.idle_timeout is not None:
+                request.settimeout(self.idle_timeout)
             self._log_start(request, peer)
             _bound.local_address = local
             self.finish_request(request, peer)
         except BaseException as exc:
-            outcome = "%s, %s: %s" % (self._failure_kind(request, exc, started),
-                                      type(exc).__name__, exc)
+            kind = self._failure_kind(request, exc, started)
+            outcome = "%s, %s: %s" % (kind, type(exc).__name__, exc)
             if not isinstance(exc, Exception):
                 raise
-            if outcome.startswith("error"):
+            if kind == "error":
                 self.handle_error(request, peer)
         finally:
             _bound.local_address = None
-            if outcome.startswith("error"):
+            if kind in _RESET_KINDS:
                 self.abort_request(request, peer)
             else:
                 self.shutdown_request(request)
+            with self._slots:
+                self._counts["completed" if kind == "ok" else "failed"] += 1
             self.log("%s finished (%s) in %.3fs."
                      % (threading.current_thread().name, outcome,
                         time.monotonic() - began))
 
     def _log_start(self, request: socket.socket, peer: _Address) -> None:
         with self._slots:
-            number, active = self._open.get(request, 0), len(self._open)
+            number = self._open.get(request, (0, ""))[0]
+            active = len(self._open)
         self.log("request %d from %s; %s (of %d) started..."
                  % (number, _host(peer), threading.current_thread().name,
                     active))
 
     def _failure_kind(self, request: socket.socket, exc: BaseException,
                       started: bool) -> str:
-        """Return "client gone", "setup failed" or "error" for a request's exception."""
+        """Name what ended a request: a kind of _RESET_KINDS, or "client gone", "setup failed"."""
         if self.client_gone(request, exc):
             return "client gone"
         if isinstance(exc, OSError) and not started:
             return "setup failed"
+        if isinstance(exc, IdleTimeout):
+            return "timed out"
+        if isinstance(exc, LineTooLong):
+            return "line too long"
         return "error"
 
     def client_gone(self, request: socket.socket, exc: BaseException) -> bool:
@@ -806,19 +1014,53 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         """Close one connection and give its slot back.  May be extended.
 
         Called in the request's thread, or in the accept thread for a
-        connection that verify_request() refused or that could not be
-        handed to a thread.
+        connection that was refused (verify_request(), max_per_client).
         """
         try:
             super().close_request(request)
         finally:
             with self._slots:
-                held = self._open.pop(request, None) is not None
-                if not held and self._pending:
-                    held, self._pending = True, False
+                opened = self._open.pop(request, None)
+                held = opened is not None or self._pending
+                if opened is not None:
+                    host = opened[1]
+                    self._per_client[host] -= 1
+                    if not self._per_client[host]:
+                        del self._per_client[host]
+                elif self._pending:  # refused before it became a request
+                    self._pending = False
+                    self._counts["refused"] += 1
                 if held:
                     self._taken -= 1
                     self._slots.notify()
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        """Close one connection in order: TLS close_notify if any, then FIN.  May be extended.
+
+        close_notify tells a TLS client the reply is complete; it is sent
+        without waiting for the client's own.
+        """
+        if hasattr(request, "unwrap"):  # an ssl.SSLSocket
+            try:
+                request.settimeout(0)
+                request.unwrap()
+            except (OSError, ValueError):
+                pass  # SSLWantReadError once close_notify is out; or no TLS
+        super().shutdown_request(request)
+
+    def stats(self) -> Dict[str, int]:
+        """Return a snapshot of the server's counters, safe from any thread.
+
+        accepted: connections accepted; active: requests open now;
+        completed: requests whose handler returned; failed: requests ended
+        by an exception (error, client gone, timeout, failed TLS handshake);
+        refused: connections closed unserved (verify_request(),
+        max_per_client); peak_active: most requests open at once.
+        """
+        with self._slots:
+            counts = dict(self._counts)
+            counts["active"] = len(self._open)
+        return counts
 
     # -- the caller's thread ------------------------------------------------
 
@@ -827,8 +1069,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
         Returns promptly even while every slot is taken and clients wait.
         Must be called from another thread than serve_forever()'s, or it
-        deadlocks.  Requests still running carry on; server_close() waits
-        for them.
+        deadlocks.  Requests still running carry on; server_close() drains
+        them.
         """
         with self._slots:
             self._stopping = True
@@ -840,15 +1082,46 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 self._stopping = False
 
     def server_close(self) -> None:
-        """Close the listening socket, then wait for the request threads.
+        """Close the listening socket, then drain the requests still running.
 
-        As socketserver's: with block_on_close (the default) every
-        non-daemon request thread is joined, so a request that never ends
-        makes this wait forever.
+        They get drain_timeout seconds to finish; then their connections
+        are reset (prepare_hard_close() and a shutdown that ends blocked
+        reads) and every request thread is joined, so a thunk blocked on
+        input() cannot make this hang.  With drain_timeout None it waits as
+        long as they run, as socketserver does; with block_on_close false
+        it does not wait at all.
         """
         super().server_close()
-        for thread in list(self._handler_threads):
-            thread.join()
+        threads = list(self._handler_threads)
+        if _join(threads, self.drain_timeout):
+            return
+        self._reset_open_requests()
+        if not _join(threads, _RESET_GRACE):
+            self.log("request threads still running after their reset: %s"
+                     % ", ".join(t.name for t in threads if t.is_alive()),
+                     logging.WARNING)
+
+    def _reset_open_requests(self) -> None:
+        with self._slots:
+            requests = list(self._open)
+        self.log("resetting %d requests still running after the %s s drain"
+                 % (len(requests), self.drain_timeout), logging.WARNING)
+        for request in requests:
+            try:
+                self.prepare_hard_close(request)
+                # shutdown() wakes a thread blocked reading; close() would not.
+                socket.socket.shutdown(request, socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed meanwhile
+
+
+def _join(threads: List[threading.Thread], timeout: Optional[float]) -> bool:
+    """Join threads within timeout seconds in all (None: wait); True if all ended."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for thread in threads:
+        thread.join(None if deadline is None
+                    else max(0.0, deadline - time.monotonic()))
+    return not any(thread.is_alive() for thread in threads)
 
 
 def _runs_thunks(handler_class: Any) -> bool:
@@ -872,17 +1145,23 @@ _Listener = Union[socket.socket, int, Tuple[str, int]]
 
 
 def make_tcp_server(listener: _Listener, thunk: _Thunk,
-                    max_requests: Optional[int] = DEFAULT_MAX_REQUESTS
-                    ) -> ThreadingTCPServer:
+                    max_requests: Optional[int] = DEFAULT_MAX_REQUESTS, *,
+                    max_per_client: Optional[int] = None,
+                    timeout: Optional[float] = None,
+                    drain_timeout: Optional[float] = DEFAULT_DRAIN_TIMEOUT,
+                    max_line: Optional[int] = DEFAULT_MAX_LINE,
+                    ssl_context: Any = None) -> ThreadingTCPServer:
     """Return a server that runs thunk for every connection: the egg's make-tcp-server.
 
     listener is a listening socket (from tcp_listen(),
     socket.create_server() or a parent process), a port number (all
     interfaces, as tcp_listen(port)) or a (host, port) tuple.  The server
     owns the socket.  At most max_requests thunks run at once (None: no
-    limit).  Call the server to serve: ``server(debug=False)``; stop it
-    with server.shutdown() from another thread and release it with
-    server_close() (or a with block).
+    limit).  The keyword-only settings are those of ThreadingTCPServer:
+    max_per_client, timeout (idle, per connection), drain_timeout,
+    max_line and ssl_context (serve TLS).  Call the server to serve:
+    ``server(debug=False)``; stop it with server.shutdown() from another
+    thread and release it with server_close() (or a with block).
 
     Raises TypeError or ValueError for bad arguments, OSError if a port
     cannot be bound.
@@ -902,5 +1181,13 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
     else:
         raise TypeError("listener must be a listening socket, a port number "
                         "or a (host, port) tuple, not %r" % (listener,))
-    return ThreadingTCPServer.from_listener(sock, ThunkHandler, thunk=thunk,
-                                            max_requests=max_requests)
+    try:
+        return ThreadingTCPServer.from_listener(
+            sock, ThunkHandler, thunk=thunk, max_requests=max_requests,
+            max_per_client=max_per_client, timeout=timeout,
+            drain_timeout=drain_timeout, max_line=max_line,
+            ssl_context=ssl_context)
+    except BaseException:
+        if sock is not listener:
+            sock.close()  # ours: a bad setting must not leak it
+        raise
