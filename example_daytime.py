@@ -4,11 +4,14 @@
 
 Serves the current time, one line per connection, on PORT (default 6504,
 all interfaces).  Try it with ``nc localhost 6504``.  --debug writes the
-egg's diagnostic lines to stderr.  Ctrl-C stops it.
+egg's diagnostic lines to stderr.  Ctrl-C or SIGTERM stops it: running
+requests get the drain timeout to finish, then it exits 0.
 """
 
 import argparse
+import signal
 import sys
+import threading
 import time
 
 import tcpserver
@@ -31,7 +34,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as exc:
         print("cannot listen on port %d: %s" % (args.port, exc), file=sys.stderr)
         return 1
-    with server:
+    # shutdown() must come from another thread than the one serving.
+    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(
+        target=server.shutdown, name="sigterm").start())
+    with server:  # server_close() at the end drains running requests
         print("daytime server on port %d; Ctrl-C stops it" % server.server_address[1],
               file=sys.stderr, flush=True)
         try:

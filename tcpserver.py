@@ -84,14 +84,14 @@ DEFAULT_MAX_LINE = 64 * 1024
 #: Seconds a TLS client has to complete its handshake.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
-# Seconds a request thread has to end once its connection was reset.
-_RESET_GRACE = 5.0
+# Seconds a request thread has to end once its connection was shut down.
+_RESET_GRACE = 2.0
 
 # What stats() counts, besides "active".
 _STATS = ("accepted", "completed", "failed", "refused", "peak_active")
 
 # How a request may end that earns its connection a reset (RST).
-_RESET_KINDS = frozenset(("error", "timed out", "line too long"))
+_RESET_KINDS = frozenset(("error", "timed out", "line too long", "drained"))
 
 # Marks a keyword argument left out, where None is a value of its own.
 _UNSET = object()
@@ -623,6 +623,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._stopping = False   # shutdown() wants the accept thread back
         self._open = {}          # type: dict  # request -> (number, host)
         self._per_client = {}    # type: Dict[str, int]  # host -> open
+        self._drained = set()    # type: set  # requests server_close() reset
         self._counts = dict.fromkeys(_STATS, 0)  # stats() without "active"
         self._dispatched = 0     # requests handed to a thread so far
         self._accept_errors = 0  # failed accepts in a row
@@ -949,6 +950,11 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 self.handle_error(request, peer)
         finally:
             _bound.local_address = None
+            with self._slots:
+                if request in self._drained:
+                    self._drained.discard(request)
+                    kind = "drained"
+                    outcome = "drained, reset by server_close()"
             if kind in _RESET_KINDS:
                 self.abort_request(request, peer)
             else:
@@ -1095,22 +1101,29 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         threads = list(self._handler_threads)
         if _join(threads, self.drain_timeout):
             return
-        self._reset_open_requests()
-        if not _join(threads, _RESET_GRACE):
-            self.log("request threads still running after their reset: %s"
-                     % ", ".join(t.name for t in threads if t.is_alive()),
-                     logging.WARNING)
+        # SHUT_RD wakes blocked reads without sending FIN, so the client sees
+        # only the reset; SHUT_RDWR then wakes writes blocked on the client.
+        for how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            self._reset_open_requests(how)
+            if _join(threads, _RESET_GRACE):
+                return
+        self.log("request threads still running after their reset: %s"
+                 % ", ".join(t.name for t in threads if t.is_alive()),
+                 logging.WARNING)
 
-    def _reset_open_requests(self) -> None:
+    def _reset_open_requests(self, how: int) -> None:
+        """Mark open requests for a reset and shut their sockets down (how)."""
         with self._slots:
             requests = list(self._open)
+            self._drained.update(requests)
         self.log("resetting %d requests still running after the %s s drain"
                  % (len(requests), self.drain_timeout), logging.WARNING)
         for request in requests:
             try:
                 self.prepare_hard_close(request)
-                # shutdown() wakes a thread blocked reading; close() would not.
-                socket.socket.shutdown(request, socket.SHUT_RDWR)
+                # shutdown() wakes a thread blocked on the socket; close()
+                # would not.  socket.socket's, for SSLSocket's drops TLS.
+                socket.socket.shutdown(request, how)
             except OSError:
                 pass  # closed meanwhile
 

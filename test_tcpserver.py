@@ -12,6 +12,7 @@ import functools
 import hashlib
 import http.server
 import io
+import ipaddress
 import logging
 import os
 import re
@@ -1148,6 +1149,375 @@ class TestErrors(ServerTestCase):
         closer.join(TIMEOUT)
         self.assertFalse(closer.is_alive())
         self.assertEqual(finished, [True])
+
+
+# ---------------------------------------------------------------------------
+# Hardening: TLS through ssl_context, timeouts, drain, limits per client
+# ---------------------------------------------------------------------------
+
+def make_client_certificate(directory):
+    """Write a self-signed client certificate with openssl; return (cert, key)."""
+    cert, key = os.path.join(directory, "client.pem"), os.path.join(directory, "client.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                    "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=client"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+class TestTLS(ServerTestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.mkdtemp()
+        cls.cert, cls.key = make_certificate(cls.directory)
+        cls.client_cert, cls.client_key = make_client_certificate(cls.directory)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.directory)
+
+    def server_context(self, client_certificates=False):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert, self.key)
+        if client_certificates:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.client_cert)
+        return context
+
+    def start_tls(self, thunk, context=None, debug=False, **settings):
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), thunk,
+                                           ssl_context=context or self.server_context(),
+                                           **settings)
+        return self.serve(server, debug)
+
+    def tls_connect(self, server, certificate=False, context=None):
+        if context is None:
+            context = ssl.create_default_context(cafile=self.cert)
+        if certificate:
+            context.load_cert_chain(self.client_cert, self.client_key)
+        sock = socket.create_connection(server.server_address, timeout=TIMEOUT)
+        try:
+            return context.wrap_socket(sock, server_hostname="localhost",
+                                       suppress_ragged_eofs=False)
+        except BaseException:
+            sock.close()
+            raise
+
+    def test_ssl_context_serves_tls_through_the_hooks(self):
+        def thunk():
+            print("hello", input(), tcpserver.current_connection().connection.version())
+
+        server = self.start_tls(thunk)
+        self.assertEqual(server.accept_connection, server.tls_accept_connection)
+        self.assertEqual(server.get_addresses, server.tls_get_addresses)
+        with self.tls_connect(server) as sock:
+            sock.sendall(b"tls\n")
+            self.assertRegex(read_all(sock), rb"^hello tls TLSv1\.[23]\n$")
+        self.stop(server)
+        self.assertEqual(server.stats()["completed"], 1)
+
+    def test_openssl_s_client(self):
+        server = self.start_tls(lambda: print("hello", input()))
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", "127.0.0.1:%d" % server.server_address[1],
+             "-quiet", "-verify_return_error", "-CAfile", self.cert, "-servername", "localhost"],
+            input=b"s_client\n", capture_output=True, timeout=TIMEOUT)
+        self.assertEqual(result.stdout, b"hello s_client\n", result.stderr)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_20_silent_clients_do_not_delay_a_good_one(self):
+        server = self.start_tls(lambda: print("served"), max_requests=32)
+        silent = [self.connect(server) for _ in range(20)]
+        began = time.monotonic()
+        with self.tls_connect(server) as sock:
+            self.assertEqual(read_all(sock), b"served\n")
+        self.assertLess(time.monotonic() - began, 2.0)  # a handshake timeout is 10 s
+        for sock in silent:
+            sock.close()
+
+    def test_a_silent_client_costs_at_most_the_handshake_timeout(self):
+        stderr = self.capture("stderr")
+        server = self.start_tls(print, debug=True)
+        server.handshake_timeout = 0.3
+        began = time.monotonic()
+        with self.connect(server) as sock:
+            self.assertEqual(read_all(sock), b"")  # closed by the server
+        self.assertLess(time.monotonic() - began, 3.0)
+        self.stop(server)
+        self.assertEqual(server.stats()["failed"], 1)
+        self.assertIn("finished (setup failed, ", stderr.getvalue())
+        self.assertIn("timed out", stderr.getvalue())
+        self.assertNotIn("Traceback", stderr.getvalue())
+
+    def test_client_certificates_accepted_and_refused(self):
+        stderr = self.capture("stderr")
+        context = self.server_context(client_certificates=True)
+        server = self.start_tls(lambda: print("hello", tcpserver.current_connection()
+                                              .connection.getpeercert()["subject"]),
+                                context=context, debug=True)
+        with self.tls_connect(server, certificate=True) as sock:
+            self.assertEqual(read_all(sock), b"hello ((('commonName', 'client'),),)\n")
+        with self.assertRaises(OSError):  # refused: an alert, or a reset
+            with self.tls_connect(server) as sock:
+                read_all(sock)
+        self.stop(server)
+        self.assertEqual(server.stats()["completed"], 1)
+        self.assertEqual(server.stats()["failed"], 1)
+        self.assertIn("finished (setup failed, SSLError", stderr.getvalue())
+
+    def test_a_refused_protocol_version_costs_one_line(self):
+        stderr = self.capture("stderr")
+        context = self.server_context()
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        server = self.start_tls(lambda: print("served"), context=context, debug=True)
+        old = ssl.create_default_context(cafile=self.cert)
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with self.assertRaises(ssl.SSLError):
+            self.tls_connect(server, context=old).close()
+        with self.tls_connect(server) as sock:
+            self.assertEqual(read_all(sock), b"served\n")
+        self.stop(server)
+        self.assertEqual(stderr.getvalue().count("setup failed, SSLError"), 1)
+        self.assertNotIn("Traceback", stderr.getvalue())
+
+
+class TestTimeouts(ServerTestCase):
+
+    def test_a_thunk_may_catch_the_idle_timeout(self):
+        def thunk():
+            try:
+                input()
+            except tcpserver.IdleTimeout as exc:
+                print("caught", isinstance(exc, socket.timeout), exc)
+
+        server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, timeout=0.2))
+        with self.connect(server) as sock:
+            self.assertEqual(read_all(sock), b"caught True the client sent nothing for 0.2 seconds\n")
+
+    def test_uncaught_idle_timeout_resets_and_frees_the_slot(self):
+        stderr = self.capture("stderr")
+        server = self.serve(tcpserver.make_tcp_server(
+            ("127.0.0.1", 0), lambda: print(input()), max_requests=1, timeout=0.2), debug=True)
+        with self.connect(server) as sock:
+            with self.assertRaises(ConnectionResetError):
+                read_all(sock)
+        self.assertEqual(self.talk(server, b"next\n"), b"next\n")
+        self.stop(server)
+        self.assertIn("finished (timed out, IdleTimeout: ", stderr.getvalue())
+        self.assertNotIn("Traceback", stderr.getvalue())
+        self.assertEqual(server.stats()["failed"], 1)
+
+    def test_a_client_that_stops_reading_is_cut_off(self):
+        ended = threading.Event()
+        self.log_to(lambda record: "finished (timed out" in record.getMessage() and ended.set())
+
+        def thunk():
+            chunk = b"x" * 65536
+            while True:
+                sys.stdout.buffer.write(chunk)
+
+        server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, timeout=0.3))
+        with self.connect(server):
+            self.assertTrue(ended.wait(TIMEOUT))  # we never read a byte
+
+    def test_the_handler_timeout_wins(self):
+        class Impatient(tcpserver.ThunkHandler):
+            timeout = 0.2
+
+        def thunk():
+            try:
+                input()
+            except socket.timeout:
+                print("timed out")
+
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), Impatient,
+                                                         thunk=thunk, timeout=60))
+        with self.connect(server) as sock:
+            self.assertEqual(read_all(sock), b"timed out\n")
+
+
+class TestDrain(ServerTestCase):
+
+    def test_server_close_resets_a_thunk_blocked_forever(self):
+        started = threading.Event()
+
+        def thunk():
+            started.set()
+            input()
+
+        server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk,
+                                                      drain_timeout=0.2))
+        sock = self.connect(server)
+        self.assertTrue(started.wait(TIMEOUT))
+        server.shutdown()
+        closer = threading.Thread(target=server.server_close)
+        began = time.monotonic()
+        closer.start()
+        closer.join(TIMEOUT)
+        self.assertFalse(closer.is_alive(), "server_close() hangs")
+        self.assertLess(time.monotonic() - began, 3.0)
+        self.assertEqual(server.stats()["active"], 0)
+        with self.assertRaises(ConnectionResetError):
+            read_all(sock)
+
+    def test_requests_may_finish_during_the_drain(self):
+        started = threading.Event()
+
+        def thunk():
+            started.set()
+            print("late", input())
+
+        server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk,
+                                                      drain_timeout=TIMEOUT))
+        sock = self.connect(server)
+        self.assertTrue(started.wait(TIMEOUT))
+        server.shutdown()
+        self.assertFalse(server.serving)
+        closer = threading.Thread(target=server.server_close)
+        closer.start()
+        sock.sendall(b"reply\n")
+        self.assertEqual(read_all(sock), b"late reply\n")
+        closer.join(TIMEOUT)
+        self.assertFalse(closer.is_alive())
+        self.assertEqual(server.stats()["completed"], 1)
+
+    def test_stats_and_serving(self):
+        def thunk():
+            if input() == "fail":
+                raise RuntimeError("thunk failed on purpose")
+            print("ok")
+
+        def verify(request, address):
+            return not refuse
+
+        self.capture("stderr")
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), thunk)
+        server.verify_request = verify
+        self.assertFalse(server.serving)
+        self.assertEqual(server.stats(), {"accepted": 0, "active": 0, "completed": 0,
+                                          "failed": 0, "refused": 0, "peak_active": 0})
+        self.serve(server)
+        refuse = False
+        self.assertEqual(self.talk(server, b"a\n"), b"ok\n")
+        self.assertTrue(server.serving)
+        self.assertEqual(self.talk(server, b"b\n"), b"ok\n")
+        self.assert_reset(server, b"fail\n")
+        refuse = True
+        self.assertEqual(self.talk(server), b"")
+        self.stop(server)
+        self.assertFalse(server.serving)
+        stats = server.stats()
+        # The next client may come before the last request's thread closed.
+        self.assertIn(stats.pop("peak_active"), (1, 2))
+        self.assertEqual(stats, {"accepted": 4, "active": 0, "completed": 2,
+                                 "failed": 1, "refused": 1})
+
+    def test_example_drains_on_sigterm(self):
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "example_daytime.py"),
+                                    "0"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.kill)
+        port = int(re.search(r"port (\d+)", process.stderr.readline().decode()).group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            self.assertTrue(read_all(sock).endswith(b"\n"))
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read().decode()
+        self.assertEqual(process.wait(TIMEOUT), 0)
+        self.assertNotIn("Traceback", rest)
+
+
+class TestClientLimits(ServerTestCase):
+
+    def held_server(self, **settings):
+        """A server whose thunks wait for a line; returns (server, started count)."""
+        started = threading.Semaphore(0)
+
+        def thunk():
+            started.release()
+            print("served", input())
+
+        server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, **settings))
+        return server, started
+
+    def connect_from(self, server, host):
+        sock = socket.create_connection(server.server_address, timeout=TIMEOUT,
+                                        source_address=(host, 0))
+        self.addCleanup(sock.close)
+        return sock
+
+    def test_max_per_client(self):
+        server, started = self.held_server(max_per_client=2)
+        first, second = self.connect_from(server, "127.0.0.1"), self.connect_from(server, "127.0.0.1")
+        for _ in range(2):
+            self.assertTrue(started.acquire(timeout=TIMEOUT))
+        third = self.connect_from(server, "127.0.0.1")
+        self.assertEqual(read_all(third), b"")  # closed at once, unserved
+        other = self.connect_from(server, "127.0.0.2")  # another address: unaffected
+        self.assertTrue(started.acquire(timeout=TIMEOUT))
+        for sock in (first, second, other):
+            sock.sendall(b"x\n")
+            self.assertEqual(read_all(sock), b"served x\n")
+        self.stop(server)
+        self.assertEqual(server.stats()["refused"], 1)
+        self.assertEqual(server.stats()["completed"], 3)
+
+    def test_allow_list_recipe(self):
+        namespace = {}
+        exec(readme_code("class AllowListServer("), namespace)
+        server = namespace["AllowListServer"](("127.0.0.1", 0), tcpserver.ThunkHandler,
+                                              thunk=lambda: print("welcome"))
+        server.allowed = [ipaddress.ip_network("127.0.0.1/32")]
+        self.serve(server)
+        self.assertEqual(read_all(self.connect_from(server, "127.0.0.1")), b"welcome\n")
+        self.assertEqual(read_all(self.connect_from(server, "127.0.0.2")), b"")
+        self.stop(server)
+        self.assertEqual(server.stats()["refused"], 1)
+
+
+class TestMaxLine(ServerTestCase):
+
+    def test_a_thunk_may_catch_line_too_long_and_read_on(self):
+        def thunk():
+            try:
+                input()
+            except tcpserver.LineTooLong as exc:
+                print("too long:", exc)
+            print(len(input()), input())
+
+        server = self.start(thunk)
+        reply = self.talk(server, b"a" * 70000 + b"\nok\n")
+        # The failed read took max_line + 1 characters; the rest of the line follows.
+        self.assertEqual(reply, b"too long: line longer than max_line=65536 characters\n"
+                                b"%d ok\n" % (70000 - 65537))
+
+    def test_uncaught_line_too_long_resets_without_traceback(self):
+        stderr = self.capture("stderr")
+        server = self.start(input, debug=True)
+        self.assert_reset(server, b"z" * 100000)
+        self.stop(server)
+        self.assertIn("finished (line too long, LineTooLong: ", stderr.getvalue())
+        self.assertNotIn("Traceback", stderr.getvalue())
+
+    def test_max_line_none_lifts_the_cap(self):
+        server = self.serve(tcpserver.make_tcp_server(
+            ("127.0.0.1", 0), lambda: print(len(input())), max_line=None))
+        self.assertEqual(self.talk(server, b"b" * 200000 + b"\n"), b"200000\n")
+
+    def test_bad_settings(self):
+        cases = [({"timeout": 0}, ValueError, "idle_timeout must be a number of seconds > 0 or None, not 0"),
+                 ({"timeout": "5"}, TypeError, "idle_timeout must be a number of seconds > 0 or None, not str"),
+                 ({"drain_timeout": -1}, ValueError, "drain_timeout must be a number of seconds >= 0 or None, not -1"),
+                 ({"max_line": 0}, ValueError, "max_line must be a positive int or None, not 0"),
+                 ({"max_per_client": 1.5}, TypeError, "max_per_client must be a positive int or None, not float"),
+                 ({"ssl_context": "cert.pem"}, TypeError, "ssl_context must be an ssl.SSLContext or None, not str")]
+        for settings, error, text in cases:
+            with self.subTest(settings=settings):
+                with self.assertRaises(error) as caught:
+                    tcpserver.make_tcp_server(("127.0.0.1", 0), print, **settings)
+                self.assertIn(text, str(caught.exception))
+        with self.assertRaisesRegex(ValueError, "max_per_client must be a positive int or None, not 0"):
+            tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler, max_per_client=0)
 
 
 # ---------------------------------------------------------------------------
