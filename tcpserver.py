@@ -99,6 +99,10 @@ _UNSET = object()
 # The arguments of the EOFError that input() raises at the end of input.
 _INPUT_EOF = ("EOF when reading a line",)
 
+# accept() errors that only mean this one connection is gone: ignore.
+_TRANSIENT_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN,
+                               errno.EWOULDBLOCK, errno.EINTR))
+
 # accept() errors that mean "out of descriptors or memory": back off.
 _RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
                               errno.ENOMEM))
@@ -861,6 +865,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
     def _accept_failed(self, exc: OSError) -> None:
         """Log the first of a run of accept errors; back off if resources ran out."""
+        if exc.errno in _TRANSIENT_ERRNOS:
+            self.log("accept: %s" % (exc,))  # the client left first: no matter
+            return
         self._accept_errors += 1
         if self._accept_errors == 1:
             self.log("accept failed: %s" % (exc,), logging.WARNING)

@@ -326,6 +326,25 @@ class TestHooks(ServerTestCase):
         for number, gap in enumerate(gaps[:5]):  # 10 ms, then doubling
             self.assertGreaterEqual(gap, 0.009 * 2 ** number, gaps)
 
+    def test_transient_accept_errors_are_ignored(self):
+        calls = []
+
+        def accept(listener):
+            calls.append(None)
+            if len(calls) <= 3:
+                raise ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort")
+            return tcpserver.tcp_accept(listener)
+
+        records = []
+        self.log_to(records.append)
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), lambda: print("served"))
+        server.accept_connection = accept
+        self.serve(server)
+        self.assertEqual(self.talk(server), b"served\n")
+        self.stop(server)
+        self.assertEqual([r for r in records if r.levelno >= logging.WARNING], [])
+        self.assertEqual(len(calls), 4)
+
     def test_get_request_may_replace_the_socket(self):
         # Legacy TLS code wraps the socket in get_request(), and a failed
         # handshake raises there: neither may cost a slot.
