@@ -19,18 +19,21 @@ concurrent requests, diagnostics and a hard close of failed connections.
 
 The file reads top to bottom:
 
+- the exceptions a thunk may meet: IdleTimeout, LineTooLong;
 - hooks: tcp_listen(), tcp_accept(), tcp_addresses(), tcp_abandon();
 - per-thread standard streams and current_connection();
 - the handler adapter, ThunkHandler;
-- the server, ThreadingTCPServer;
+- the server, ThreadingTCPServer, with TLS, limits and the drain;
 - the factory, make_tcp_server().
 
 Thread model: serve_forever() runs the accept loop in the caller's thread.
 Before each accept it waits for one of max_requests slots, so clients
 beyond the limit wait in the kernel's listen queue, in order.  Each
 accepted connection gets a thread of its own, which computes the
-addresses, runs the handler (for ThunkHandler: the thunk) and closes the
-connection; closing gives the slot back.
+addresses (for TLS: runs the handshake), runs the handler (for
+ThunkHandler: the thunk) and closes the connection; closing gives the slot
+back.  server_close(), in the caller's thread, drains: it waits for the
+request threads, then resets the connections of those that do not end.
 """
 
 __version__ = "0.1.0"
