@@ -15,6 +15,7 @@ import io
 import ipaddress
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -1537,6 +1538,479 @@ class TestMaxLine(ServerTestCase):
                 self.assertIn(text, str(caught.exception))
         with self.assertRaisesRegex(ValueError, "max_per_client must be a positive int or None, not 0"):
             tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler, max_per_client=0)
+
+
+class TestSoakAndFaults(ServerTestCase):
+    """Load, fuzzing and exhaustion: the server serves on and leaks nothing."""
+
+    # -- helpers ------------------------------------------------------------
+
+    @staticmethod
+    def exchange(sock, data, digest=None):
+        """Send data, then end our side, while reading the reply in this thread.
+
+        The sending runs in a thread of its own, so that neither side stalls
+        on a full socket buffer.  Returns (reply, error): reply is the bytes
+        read (b"" when digest is given: it is updated with them instead),
+        error the first OSError of either side, or None.
+        """
+        errors = []
+
+        def send():
+            try:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                errors.append(exc)
+
+        sender = threading.Thread(target=send, name="sender")
+        sender.start()
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                if digest is None:
+                    chunks.append(chunk)
+                else:
+                    digest.update(chunk)
+        except OSError as exc:
+            errors.insert(0, exc)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # so that the sender stops too
+            except OSError:
+                pass
+        finally:
+            sender.join(TIMEOUT)
+        return b"".join(chunks), (errors[0] if errors else None)
+
+    class Child:
+        """A Python subprocess whose output lines threads collect as they come.
+
+        lines["stdout"] and lines["stderr"] keep the first 1000 lines each,
+        so a runaway child cannot fill memory; seen counts them all, closed
+        names the pipes at their end.  changed is notified for each line and
+        each end.  end() stops the child, joins
+        the threads and closes the pipes; it may be called again.
+        """
+
+        def __init__(self, script):
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", script], stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.lines = {"stdout": [], "stderr": []}
+            self.seen = {"stdout": 0, "stderr": 0}
+            self.closed = set()  # the names of the pipes at their end
+            self.changed = threading.Condition()
+            self.readers = [threading.Thread(target=self._collect, args=(name,),
+                                             name="read " + name)
+                            for name in self.lines]
+            for reader in self.readers:
+                reader.start()
+
+        def _collect(self, name):
+            for raw in getattr(self.process, name):
+                with self.changed:
+                    self.seen[name] += 1
+                    if len(self.lines[name]) < 1000:
+                        self.lines[name].append(raw.decode("utf-8", "replace"))
+                    self.changed.notify_all()
+            with self.changed:
+                self.closed.add(name)  # the child has closed it, or died
+                self.changed.notify_all()
+
+        def wait_for(self, predicate, timeout):
+            with self.changed:
+                return self.changed.wait_for(predicate, timeout)
+
+        def proc(self, name):
+            """Return the text of the child's /proc/PID/<name>."""
+            with open("/proc/%d/%s" % (self.process.pid, name)) as file:
+                return file.read()
+
+        def end(self):
+            if self.process.poll() is None:
+                self.process.terminate()
+            try:
+                self.process.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(TIMEOUT)
+            for reader in self.readers:
+                reader.join(TIMEOUT)
+            self.process.stdout.close()
+            self.process.stderr.close()
+
+    def spawn_server(self, body):
+        """Serve a thunk in a subprocess, with debug on; return (child, port).
+
+        body defines thunk() and may fill the dict settings with keywords for
+        make_tcp_server().  The server's diagnostics are child.lines["stderr"].
+        """
+        script = ("import sys\nsys.path.insert(0, %r)\nimport tcpserver\nsettings = {}\n"
+                  % HERE + textwrap.dedent(body) + textwrap.dedent("""
+                  server = tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, **settings)
+                  print(server.server_address[1], flush=True)
+                  server(debug=True)
+                  """))
+        child = self.Child(script)
+        self.addCleanup(child.end)
+        child.wait_for(lambda: child.lines["stdout"] or "stdout" in child.closed, TIMEOUT)
+        self.assertTrue(child.lines["stdout"], "the server did not start: %s"
+                        % "".join(child.lines["stderr"])[-2000:])
+        return child, int(child.lines["stdout"][0])
+
+    def connect_to(self, port):
+        """Connect to a server in a subprocess; the socket is closed when the test ends."""
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.addCleanup(sock.close)
+        return sock
+
+    # -- the tests ----------------------------------------------------------
+
+    def test_soak_2000_clients_through_32_slots(self):
+        clients, size, limit, workers = 2000, 256 * 1024, 32, 64
+        lock = threading.Lock()
+        running = {"now": 0, "peak": 0, "started": 0}
+        # The first thunks wait for each other, and then until the server says
+        # that clients wait for a slot (or, were the limit not kept, one more
+        # thunk starts): the limit is reached however quickly the others run.
+        first = threading.Barrier(limit, timeout=TIMEOUT)
+        full = threading.Event()
+        self.log_to(lambda record: "request slots busy" in record.getMessage() and full.set())
+
+        def thunk():  # echoes chunk by chunk, while the client is still sending
+            with lock:
+                running["now"] += 1
+                running["peak"] = max(running["peak"], running["now"])
+                running["started"] += 1
+                number = running["started"]
+            try:
+                if number <= limit:
+                    first.wait()
+                    full.wait(TIMEOUT)
+                else:
+                    full.set()
+                source, sink = sys.stdin.buffer, sys.stdout.buffer
+                while True:
+                    chunk = source.read1(65536)
+                    if not chunk:
+                        break
+                    sink.write(chunk)
+            finally:
+                with lock:
+                    running["now"] -= 1
+
+        stderr = self.capture("stderr")
+        server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk,
+                                                      max_requests=limit))
+        address = self.address(server)
+        numbers = iter(range(clients))
+        results = {}  # client number -> None if its echo came back exactly, else why not
+
+        def client():
+            while True:
+                with lock:
+                    number = next(numbers, None)
+                if number is None:
+                    return
+                data = os.urandom(size)
+                digest = hashlib.sha256()
+                try:
+                    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+                        error = self.exchange(sock, data, digest)[1]
+                except OSError as exc:
+                    error = exc
+                if error is None and digest.digest() != hashlib.sha256(data).digest():
+                    error = "the echo differs"
+                with lock:
+                    results[number] = None if error is None else repr(error)
+
+        threads = [threading.Thread(target=client, name="client-%d" % n)
+                   for n in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        self.stop(server)  # joins the request threads: the counts are final
+        failures = {n: why for n, why in results.items() if why is not None}
+        self.assertEqual(len(results), clients, "clients left unfinished")
+        self.assertEqual(len(failures), 0, sorted(failures.items())[:10])
+        self.assertEqual(running["peak"], limit)
+        self.assertEqual(server.stats(), {"accepted": clients, "completed": clients,
+                                          "failed": 0, "refused": 0, "active": 0,
+                                          "peak_active": limit})
+        self.assertEqual(stderr.getvalue().count("Traceback"), 0, stderr.getvalue()[:2000])
+
+    def test_fuzz_keeps_serving_and_leaks_nothing(self):
+        slots, max_line = 8, tcpserver.DEFAULT_MAX_LINE
+        together = threading.Barrier(slots, timeout=TIMEOUT)
+
+        def thunk():
+            while True:
+                try:
+                    line = input()
+                except EOFError:
+                    return
+                if line == "<flood>":  # writes until the client is gone
+                    while True:
+                        print("x" * 1000)
+                if line == "<together>":  # needs every slot at once
+                    together.wait()
+                    print("together")
+                    return
+                print(line.upper())
+
+        def expected(payload):
+            """Return the thunk's reply to payload, and whether a line is too long."""
+            text = payload.decode("utf-8", "replace")  # as ThunkHandler decodes
+            reply = []
+            for line in io.StringIO(text, newline=None):  # "\r\n" and "\r" end lines
+                content = line[:-1] if line.endswith("\n") else line
+                if len(content) > max_line:  # input() raises LineTooLong: a reset
+                    return "".join(reply).encode(), True
+                reply.append(content.upper() + "\n")
+            return "".join(reply).encode(), False
+
+        rng = random.Random(1234)
+
+        def random_bytes(count, line_ends=True):
+            data = rng.getrandbits(8 * count).to_bytes(count, "little") if count else b""
+            if not line_ends:
+                data = data.replace(b"\n", b"n").replace(b"\r", b"r")
+            return data
+
+        def random_payload(most):
+            """Return up to most bytes of random lines: binary, unicode, NULs, some too long."""
+            parts, total = [], 0
+            while total < most:
+                kind = rng.random()
+                if kind < 0.35:
+                    part = random_bytes(rng.randint(0, 200))
+                elif kind < 0.6:
+                    part = "".join(rng.choice("aZ09 \t\x00éßﬁ€𝄞ÿ\u2028")
+                                   for _ in range(rng.randint(0, 80))).encode()
+                elif kind < 0.7:  # invalid UTF-8: stray continuation bytes, cut sequences
+                    part = rng.choice([b"\x80", b"\xc3", b"\xe2\x82", b"\xff\xfe",
+                                       b"\xed\xa0\x80"]) * rng.randint(1, 50)
+                elif kind < 0.8:  # either side of the limit
+                    part = b"L" * (max_line + rng.randint(-2, 2))
+                else:
+                    part = random_bytes(rng.randint(0, 3000), line_ends=False)
+                parts.append(part + rng.choice([b"\n", b"\r\n", b"\r", b""]))
+                total += len(parts[-1])
+            return b"".join(parts)[:most]
+
+        plan = []  # (behaviour, payload, whether to vanish with a reset)
+        for _ in range(300):
+            behaviour = rng.choice(["half-open", "half-open", "half-open", "long line",
+                                    "reset mid-write", "close at once", "reset at once",
+                                    "send and vanish"])
+            if behaviour == "half-open":
+                payload = random_payload(rng.choice([100, 3000, 70000, 200000]))
+            elif behaviour == "long line":
+                payload = random_bytes(rng.randint(max_line + 1, 300 * 1024), line_ends=False)
+                payload += rng.choice([b"\n", b""])
+            elif behaviour == "send and vanish":  # small: the replies fit the buffers
+                payload = random_payload(rng.choice([10, 1000, 16000]))
+            else:
+                payload = b""
+            plan.append((behaviour, payload, rng.random() < 0.5))
+
+        def run(behaviour, payload, vanish_with_reset):
+            """Play one client; return what went wrong, or None."""
+            with socket.create_connection(self.address(server), timeout=TIMEOUT) as sock:
+                if behaviour in ("half-open", "long line"):
+                    reply, error = self.exchange(sock, payload)
+                    want, too_long = expected(payload)
+                    if too_long:
+                        if not isinstance(error, (ConnectionResetError, BrokenPipeError)):
+                            return "no reset for a line too long: %r" % (error,)
+                        if not want.startswith(reply):
+                            return "the reply before the reset differs"
+                    elif error is not None or reply != want:
+                        return "the reply differs (error %r, %d bytes, want %d)" % (
+                            error, len(reply), len(want))
+                elif behaviour == "reset mid-write":
+                    sock.sendall(b"<flood>\n")
+                    if len(read_exactly(sock, 5000)) != 5000:
+                        return "no flood"
+                    reset(sock)
+                elif behaviour == "reset at once":
+                    reset(sock)
+                elif behaviour == "send and vanish":
+                    try:
+                        sock.sendall(payload)
+                    except OSError:
+                        pass  # the server may have reset us already
+                    if vanish_with_reset:
+                        reset(sock)
+            return None
+
+        stderr = self.capture("stderr")
+        finished = []
+        changed = threading.Condition()
+
+        def record(entry):
+            with changed:
+                if " finished (" in entry.getMessage():
+                    finished.append(entry.getMessage())
+                changed.notify_all()
+
+        self.log_to(record)
+        server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk,
+                                                      max_requests=slots, timeout=2))
+        silent = self.connect(server)  # sends nothing: the idle timeout resets it
+
+        # Twelve clients at a time, more than there are slots: some wait.
+        complaints = []
+        lock = threading.Lock()
+        todo = iter(enumerate(plan))
+
+        def client():
+            while True:
+                with lock:
+                    item = next(todo, None)
+                if item is None:
+                    return
+                number, (behaviour, payload, vanish_with_reset) = item
+                try:
+                    complaint = run(behaviour, payload, vanish_with_reset)
+                except OSError as exc:
+                    complaint = repr(exc)
+                if complaint:
+                    with lock:
+                        complaints.append("%d %s: %s" % (number, behaviour, complaint))
+
+        threads = [threading.Thread(target=client, name="fuzz-%d" % n) for n in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(complaints[:10], [], "%d clients went wrong" % len(complaints))
+        with self.assertRaises(ConnectionResetError):
+            read_all(silent)
+
+        # Every connection so far was accepted and has ended, each in its way.
+        opened = len(plan) + 1
+        with changed:
+            self.assertTrue(changed.wait_for(
+                lambda: (server.stats()["accepted"], server.stats()["active"]) == (opened, 0),
+                TIMEOUT), server.stats())
+        stats = server.stats()
+        self.assertEqual(stats["completed"] + stats["failed"], opened, stats)
+        self.assertEqual(stats["refused"], 0)
+        self.assertLessEqual(stats["peak_active"], slots)
+        with changed:
+            outcomes = {re.search(r" finished \(([^,)]*)", line).group(1) for line in finished}
+        self.assertEqual(outcomes, {"ok", "client gone", "line too long", "timed out"})
+
+        # A well-behaved client is served, and every slot can be held at once.
+        self.assertEqual(self.talk(server, b"hello\n"), b"HELLO\n")
+        socks = [self.connect(server) for _ in range(slots)]
+        for sock in socks:
+            sock.sendall(b"<together>\n")
+        for sock in socks:
+            self.assertEqual(read_all(sock), b"together\n")
+        self.stop(server)
+        self.assertEqual(server.stats()["active"], 0)
+        self.assertEqual(len(stderr.getvalue()), 0, stderr.getvalue()[:2000])  # no traceback
+
+    def test_accept_backs_off_when_descriptors_run_out(self):
+        try:
+            import resource  # noqa: F401  (the subprocess lowers its limit with it)
+        except ImportError:
+            self.skipTest("no resource module: RLIMIT_NOFILE cannot be lowered")
+        if not os.path.exists("/proc/self/stat"):
+            self.skipTest("no /proc: the server's CPU time cannot be read")
+        fd_limit = 64
+        child, port = self.spawn_server("""
+            import resource
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (%d, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+            def thunk():  # holds its descriptor until the client sends a line or leaves
+                try:
+                    print(input())
+                except EOFError:
+                    pass
+            """ % fd_limit)
+        log = child.lines["stderr"]
+
+        def count(text):
+            # "[tcp-server] ": with debug on, as logging's last resort also
+            # prints the warnings, without the prefix.
+            return sum(line.startswith("[tcp-server] ") and text in line for line in log)
+
+        def tail():
+            return "".join(log[-20:])
+
+        def cpu_seconds():
+            stat = child.proc("stat").rsplit(")", 1)[1].split()
+            return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+        # Clients one at a time, each one served, until one cannot be accepted:
+        # the kernel has completed its handshake, so it waits in the listen
+        # queue, alone, which makes a second run of failures impossible later.
+        clients = []
+        for number in range(1, fd_limit + 1):
+            clients.append(self.connect_to(port))
+            self.assertTrue(child.wait_for(
+                lambda: count("accept failed") or count("request %d from" % number),
+                TIMEOUT), tail())
+            if count("accept failed"):
+                break
+        self.assertEqual(count("accept failed: [Errno 24]"), 1, tail())
+
+        # Out of descriptors for 2 s, the server logs nothing more and, backing
+        # off, hardly uses the CPU: a loop retrying at once uses the whole 2 s.
+        before, lines_before = cpu_seconds(), child.seen["stderr"]
+        self.assertFalse(child.wait_for(lambda: child.seen["stderr"] > lines_before, 2.0),
+                         tail())
+        self.assertLess(cpu_seconds() - before, 0.3)
+
+        # Descriptors come back: the waiting client is served, then a new one.
+        for sock in clients:
+            sock.close()
+        self.assertTrue(child.wait_for(lambda: count(" finished (") == len(clients),
+                                       TIMEOUT), tail())
+        with self.connect_to(port) as sock:
+            sock.sendall(b"ping\n")
+            self.assertEqual(read_all(sock), b"ping\n")
+        child.end()
+        self.assertEqual(count("accept failed"), 1, tail())
+        self.assertEqual(count("accept works again"), 1, tail())
+
+    def test_long_line_flood_keeps_memory_bounded(self):
+        if not os.path.exists("/proc/self/status"):
+            self.skipTest("no /proc: the server's peak memory cannot be read")
+        child, port = self.spawn_server("""
+            def thunk():
+                count = 0
+                while True:
+                    try:
+                        input()
+                    except tcpserver.LineTooLong:
+                        count += 1
+                    except EOFError:
+                        break
+                print(count)
+            """)
+        chunk, chunks = b"x" * 2 ** 20, 100  # 100 MiB without a line end
+        with self.connect_to(port) as sock:
+            for _ in range(chunks):
+                sock.sendall(chunk)
+            sock.shutdown(socket.SHUT_WR)
+            reply = read_all(sock)
+        status = child.proc("status")  # the server is still running
+        peak = int(re.search(r"^VmHWM:\s*(\d+) kB$", status, re.M).group(1)) * 1024
+        self.assertLess(peak, 60 * 2 ** 20, "peak RSS %.1f MiB" % (peak / 2 ** 20))
+        # Each LineTooLong consumes max_line + 1 characters, in which
+        # readline(max_line + 1) found no line end; the rest is shorter, and
+        # input() returns it as the last line, without an error.
+        self.assertEqual(reply, b"%d\n" % (chunks * len(chunk)
+                                           // (tcpserver.DEFAULT_MAX_LINE + 1)))
 
 
 # ---------------------------------------------------------------------------
