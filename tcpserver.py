@@ -782,11 +782,14 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         to accept.  When debug is on, also writes ``[prefix] message`` to
         sys.stderr.  Called from the accept thread and request threads.
         """
-        logger.log(level, "%s", message)
-        if self.debug and sys.stderr is not None:
+        shown = bool(self.debug) and sys.stderr is not None
+        if shown:
             prefix = DEFAULT_PREFIX if self.debug is True else self.debug
             sys.stderr.write("[%s] %s\n" % (prefix, message))
             sys.stderr.flush()
+        if not shown or logger.hasHandlers():
+            # Unconfigured, logging would print a WARNING on stderr again.
+            logger.log(level, "%s", message)
 
     # -- the accept thread: serve_forever() or handle_request() ---------------
 

@@ -1087,6 +1087,14 @@ class TestErrors(ServerTestCase):
                 self.assertRegex(lines[2], r"^\[%s\] tcpserver-1 finished \(ok\) in \d+\.\d{3}s\.$" % prefix)
                 self.assertEqual(len(lines), 3)
 
+    def test_debug_warning_is_not_printed_twice(self):
+        stderr = self.capture("stderr")
+        with tcpserver.make_tcp_server(("127.0.0.1", 0), print) as server:
+            server.debug = True
+            server.log("accept failed: [Errno 24] Too many open files", logging.WARNING)
+        self.assertEqual(stderr.getvalue(),
+                         "[tcp-server] accept failed: [Errno 24] Too many open files\n")
+
     def test_debug_line_for_an_error(self):
         stderr = self.capture("stderr")
 
