@@ -637,6 +637,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._poll_interval = None  # type: Optional[float]
         self._serving = False
         self._handler_threads = set()  # type: set
+        self._tls = False        # the TLS hooks are in place
+        if cls.ssl_context is not None:
+            self._serve_tls()
         return self
 
     def __init__(self, server_address: _Address, RequestHandlerClass: Any,
@@ -665,7 +668,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         if self.thunk is None and _runs_thunks(RequestHandlerClass):
             raise TypeError("thunk must be callable when RequestHandlerClass"
                             " is a ThunkHandler, not None")
-        if self.ssl_context is not None:
+        if self.ssl_context is not None and not self._tls:
             self._serve_tls()
         super().__init__(server_address, RequestHandlerClass, *args, **kwargs)
 
@@ -692,6 +695,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._tcp_addresses = self.get_addresses
         self.accept_connection = self.tls_accept_connection
         self.get_addresses = self.tls_get_addresses
+        self._tls = True
 
     def tls_accept_connection(self, listener: socket.socket
                               ) -> Tuple[socket.socket, _Address]:

@@ -1245,6 +1245,17 @@ class TestTLS(ServerTestCase):
         self.stop(server)
         self.assertEqual(server.stats()["completed"], 1)
 
+    def test_xmlrpc_over_tls_with_a_class_attribute(self):
+        class SecureXMLRPCServer(xmlrpc.server.SimpleXMLRPCServer, tcpserver.ThreadingTCPServer):
+            ssl_context = self.server_context()  # SimpleXMLRPCServer skips our __init__
+
+        server = self.serve(SecureXMLRPCServer(("127.0.0.1", 0), logRequests=False))
+        server.register_function(pow)
+        url = "https://localhost:%d/" % server.server_address[1]
+        context = ssl.create_default_context(cafile=self.cert)
+        with xmlrpc.client.ServerProxy(url, context=context) as proxy:
+            self.assertEqual(proxy.pow(2, 16), 65536)
+
     def test_openssl_s_client(self):
         server = self.start_tls(lambda: print("hello", input()))
         result = subprocess.run(
