@@ -66,7 +66,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 #: Listen queue length of tcp_listen() and ThreadingTCPServer: as long as
 #: the OS allows, so clients waiting for a slot are queued, not refused.
@@ -262,8 +262,6 @@ class _Bound(threading.local):
     """What a request thread is bound to; None in every other thread."""
 
     handler = None  # type: Optional[ThunkHandler]
-    stdin = None  # type: Optional[io.TextIOWrapper]
-    stdout = None  # type: Optional[io.TextIOWrapper]
     local_address = None  # type: Optional[_Address]
 
 
@@ -286,8 +284,9 @@ class _ThreadStream:
 
     def _current(self) -> Any:
         """Return the stream the calling thread should use."""
-        stream = getattr(_bound, self._name)
-        return self._fallback if stream is None else stream
+        handler = _bound.handler
+        return self._fallback if handler is None else getattr(handler,
+                                                              self._name)
 
     def write(self, text: str) -> int:
         stream = self._current()
@@ -522,24 +521,37 @@ class ThunkHandler(socketserver.StreamRequestHandler):
                                        errors=self.encode_errors,
                                        newline=self.newline,
                                        line_buffering=self.line_buffering)
-        self.rfile = io.BufferedReader(
-            _SocketReader(self.connection, self.stdout), self.rbufsize)
-        self.stdin = _TextReader(self.rfile, encoding=self.encoding,
-                                 errors=self.decode_errors)
-        self.stdin.max_line = self.server.max_line
+        self._rfile = self._stdin = None  # made on first use: many never read
+
+    @property
+    def rfile(self) -> io.BufferedReader:  # type: ignore[override]
+        """The binary input stream, sys.stdin.buffer (made on first use)."""
+        if self._rfile is None:
+            self._rfile = io.BufferedReader(
+                _SocketReader(self.connection, self.stdout), self.rbufsize)
+        return self._rfile
+
+    @property
+    def stdin(self) -> "_TextReader":
+        """The text input stream, the thunk's sys.stdin (made on first use)."""
+        if self._stdin is None:
+            self._stdin = _TextReader(self.rfile, encoding=self.encoding,
+                                      errors=self.decode_errors)
+            self._stdin.max_line = self.server.max_line
+        return self._stdin
 
     def handle(self) -> None:
         """Call the thunk with this thread's standard streams bound, then flush."""
         with _switch:
-            _bound.handler, _bound.stdin, _bound.stdout = (
-                self, self.stdin, self.stdout)
+            _bound.handler = self
             try:
                 self.server.thunk()
             except EOFError as exc:
-                if not (self.rfile.raw.at_eof and exc.args == _INPUT_EOF):
+                if not (self._rfile is not None and self._rfile.raw.at_eof
+                        and exc.args == _INPUT_EOF):
                     raise  # not input() at the end of the client's input
             finally:
-                _bound.handler = _bound.stdin = _bound.stdout = None
+                _bound.handler = None
         if not self.stdout.closed:  # the thunk may have closed it: done then
             self.stdout.flush()
 
@@ -549,7 +561,10 @@ class ThunkHandler(socketserver.StreamRequestHandler):
             self.stdout.close()
         except OSError:
             pass  # the client is gone; the server has been told by now
-        self.stdin.close()
+        if self._stdin is not None:
+            self._stdin.close()
+        elif self._rfile is not None:
+            self._rfile.close()
 
 
 # ---------------------------------------------------------------------------
@@ -597,6 +612,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     - max_line: longest line a thunk reads, DEFAULT_MAX_LINE; None: no cap;
     - ssl_context: an ssl.SSLContext to serve TLS with, None;
     - handshake_timeout: seconds a TLS client has for its handshake;
+    - max_spare_threads: request threads kept waiting for the next
+      request once theirs ended, 16 (0: a new thread for each request);
+    - spare_thread_lifetime: seconds a spare thread waits before it ends;
     - debug: False, True for the prefix DEFAULT_PREFIX, or a prefix.
     """
 
@@ -609,6 +627,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     max_line = DEFAULT_MAX_LINE  # type: Optional[int]
     ssl_context = None  # type: Any
     handshake_timeout = DEFAULT_HANDSHAKE_TIMEOUT  # type: float
+    max_spare_threads = 16
+    spare_thread_lifetime = 60.0
     debug = False  # type: Union[bool, str]
 
     accept_connection = staticmethod(tcp_accept)
@@ -636,7 +656,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._accept_errors = 0  # failed accepts in a row
         self._poll_interval = None  # type: Optional[float]
         self._serving = False
-        self._handler_threads = set()  # type: set
+        self._workers = set()    # type: Set[_Worker]  # request threads
+        self._spare = []         # type: List[_Worker]  # waiting for a job
+        self._closing = False    # server_close() has begun
         self._tls = False        # the TLS hooks are in place
         if cls.ssl_context is not None:
             self._serve_tls()
@@ -778,12 +800,17 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self.log("waiting for requests...", logging.INFO)
         self.serve_forever(poll_interval)
 
+    def _verbose(self, level: int) -> bool:
+        """Return True if log() at level shows anywhere: worth formatting for."""
+        return bool(self.debug) or logger.isEnabledFor(level)
+
     def log(self, message: str, level: int = logging.DEBUG) -> None:
         """Report one diagnostic event.  May be overridden.
 
         Sends message to logging.getLogger("tcpserver") at level: DEBUG for
         each request's lines, INFO for the server's, WARNING for failures
-        to accept.  When debug is on, also writes ``[prefix] message`` to
+        to accept.  Each request's lines are made, and this is called for
+        them, only while debug is on or the logger is enabled for DEBUG.  When debug is on, also writes ``[prefix] message`` to
         sys.stderr.  Called from the accept thread and request threads.
         """
         shown = bool(self.debug) and sys.stderr is not None
@@ -888,13 +915,14 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
     def process_request(self, request: socket.socket,
                         client_address: _Address) -> None:
-        """Start a thread that runs process_request_thread().  May be extended.
+        """Have a request thread run process_request_thread().  May be extended.
 
         The request takes over the slot get_request() held.  A client that
         already has max_per_client connections open is refused: closed at
-        once, counted, logged.  Threads are named tcpserver-N for the N-th
-        request, are daemons if daemon_threads is true, and are joined by
-        server_close() if block_on_close is true.
+        once, counted, logged.  The request goes to a spare request thread
+        if one waits, else to a new thread; either is named tcpserver-N for
+        the N-th request, is a daemon if daemon_threads is true, and is
+        joined by server_close() if block_on_close is true.
         """
         host = _host(client_address)
         with self._slots:
@@ -913,25 +941,58 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                      % (host, self.max_per_client), logging.INFO)
             self.close_request(request)
             return
-        thread = threading.Thread(
-            target=self._run_request_thread, args=(request, client_address),
-            name="tcpserver-%d" % number, daemon=self.daemon_threads)
-        if self.block_on_close and not thread.daemon:
-            self._handler_threads.add(thread)
+        job = (request, client_address, "tcpserver-%d" % number)
+        with self._slots:
+            worker = self._spare.pop() if self._spare else None
+        if worker is None:
+            self._start_worker(job)
+        else:
+            worker.job = job
+            worker.wake.release()
+
+    def _start_worker(self, job: Tuple[socket.socket, _Address, str]) -> None:
+        """Start a request thread for job; it stays on as a spare afterwards."""
+        worker = _Worker(job)
+        worker.thread = threading.Thread(target=self._work, args=(worker,),
+                                         name=job[2],
+                                         daemon=self.daemon_threads)
+        with self._slots:
+            self._workers.add(worker)
         try:
-            thread.start()
+            worker.thread.start()
         except BaseException:
-            self._handler_threads.discard(thread)
+            with self._slots:
+                self._workers.discard(worker)
             raise
 
     # -- a request's own thread ---------------------------------------------
 
-    def _run_request_thread(self, request: socket.socket,
-                            client_address: _Address) -> None:
+    def _work(self, worker: "_Worker") -> None:
+        """Serve the worker's job, then each job it is handed while spare."""
         try:
-            self.process_request_thread(request, client_address)
+            while worker.job is not None:
+                request, client_address, worker.thread.name = worker.job
+                worker.job = None
+                self.process_request_thread(request, client_address)
+                self._wait_for_job(worker)
         finally:
-            self._handler_threads.discard(threading.current_thread())
+            with self._slots:
+                self._workers.discard(worker)
+
+    def _wait_for_job(self, worker: "_Worker") -> None:
+        """Wait as a spare thread until handed a job; leave worker.job None to end."""
+        with self._slots:
+            if self._closing or len(self._spare) >= self.max_spare_threads:
+                return
+            self._spare.append(worker)
+        worker.thread.name = "tcpserver-spare"
+        if worker.wake.acquire(timeout=self.spare_thread_lifetime):
+            return
+        with self._slots:
+            if worker in self._spare:  # nobody took it in time: retire
+                self._spare.remove(worker)
+                return
+        worker.wake.acquire()  # process_request() took it: the job is coming
 
     def process_request_thread(self, request: socket.socket,
                                client_address: _Address) -> None:
@@ -946,7 +1007,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         connection is reset through abort_request().  The slot always
         comes back.  May be extended.
         """
-        began = time.monotonic()
+        verbose = self._verbose(logging.DEBUG)
+        began = time.monotonic() if verbose else 0.0
         peer = client_address
         started = False
         kind = outcome = "ok"
@@ -955,7 +1017,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             started = True
             if self.idle_timeout is not None:
                 request.settimeout(self.idle_timeout)
-            self._log_start(request, peer)
+            if verbose:
+                self._log_start(request, peer)
             _bound.local_address = local
             self.finish_request(request, peer)
         except BaseException as exc:
@@ -972,15 +1035,15 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                     self._drained.discard(request)
                     kind = "drained"
                     outcome = "drained, reset by server_close()"
+                self._counts["completed" if kind == "ok" else "failed"] += 1
             if kind in _RESET_KINDS:
                 self.abort_request(request, peer)
             else:
                 self.shutdown_request(request)
-            with self._slots:
-                self._counts["completed" if kind == "ok" else "failed"] += 1
-            self.log("%s finished (%s) in %.3fs."
-                     % (threading.current_thread().name, outcome,
-                        time.monotonic() - began))
+            if verbose:
+                self.log("%s finished (%s) in %.3fs."
+                         % (threading.current_thread().name, outcome,
+                            time.monotonic() - began))
 
     def _log_start(self, request: socket.socket, peer: _Address) -> None:
         with self._slots:
@@ -1115,7 +1178,16 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         it does not wait at all.
         """
         super().server_close()
-        threads = list(self._handler_threads)
+        with self._slots:
+            self._closing = True
+            spare, self._spare = self._spare, []
+            workers = list(self._workers)
+        for worker in spare:
+            worker.wake.release()  # with no job: the thread ends
+        if not self.block_on_close:
+            return
+        threads = [worker.thread for worker in workers
+                   if not worker.thread.daemon]
         if _join(threads, self.drain_timeout):
             return
         # SHUT_RD wakes blocked reads without sending FIN, so the client sees
@@ -1143,6 +1215,22 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 socket.socket.shutdown(request, how)
             except OSError:
                 pass  # closed meanwhile
+
+
+class _Worker:
+    """A request thread, and how to hand it its next job while it is spare.
+
+    job is (request, client_address, thread name) or None; wake is a lock
+    held while the thread waits, released to give it a job (or the end).
+    """
+
+    __slots__ = ("thread", "job", "wake")
+
+    def __init__(self, job: Tuple[socket.socket, _Address, str]) -> None:
+        self.thread = None  # type: Any
+        self.job = job  # type: Optional[Tuple[socket.socket, _Address, str]]
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 def _join(threads: List[threading.Thread], timeout: Optional[float]) -> bool:
