@@ -90,8 +90,8 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # Seconds a request thread has to end once its connection was shut down.
 _RESET_GRACE = 2.0
 
-# What stats() counts, besides "active".
-_STATS = ("accepted", "completed", "failed", "refused", "peak_active")
+# What stats() counts, besides "active" and "accepted" (made from others).
+_STATS = ("completed", "failed", "refused", "peak_active")
 
 # How a request may end that earns its connection a reset (RST).
 _RESET_KINDS = frozenset(("error", "timed out", "line too long", "drained"))
@@ -206,9 +206,9 @@ def tcp_listen(port: int, backlog: int = DEFAULT_BACKLOG,
 
 def _plain_address(address: _Address) -> _Address:
     """Return an IPv4-mapped IPv6 address ('::ffff:1.2.3.4', ...) as IPv4."""
-    host = address[0] if isinstance(address, tuple) else ""
-    if isinstance(host, str) and host.startswith("::ffff:") and "." in host:
-        return (host[7:], address[1])
+    if (isinstance(address, tuple) and len(address) == 4
+            and address[0].startswith("::ffff:") and "." in address[0]):
+        return (address[0][7:], address[1])
     return address
 
 
@@ -643,7 +643,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         """
         self = super().__new__(cls)
         self._check_settings()
-        self._slots = threading.Condition()  # guards the state below
+        self._lock = threading.Lock()  # guards the state below
+        self._slots = threading.Condition(self._lock)  # a slot came free
         self._taken = 0          # slots held: open requests, and one pending
         self._pending = False    # the accept thread holds a slot, no request
         self._full = False       # "all slots busy" has been logged
@@ -870,35 +871,33 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self.log("accept works again after %d failures"
                      % self._accept_errors, logging.WARNING)
             self._accept_errors = 0
-        with self._slots:
-            self._counts["accepted"] += 1
         return request, client_address
 
     def _take_slot(self) -> None:
         """Hold a slot for the next connection; raise OSError if none frees."""
         limit = self.max_requests
-
-        def full() -> bool:
-            return limit is not None and self._taken >= limit
-
-        with self._slots:
+        with self._lock:
             if self._pending:
                 return  # still held: the last accept failed
-            became_full = full() and not self._full
-            self._full = self._full or became_full
+            if (limit is None or self._taken < limit) and not self._full:
+                self._taken += 1
+                self._pending = True
+                return
+            became_full = not self._full
+            self._full = True
         if became_full:
             self.log("all %d request slots busy; new clients wait" % limit,
                      logging.INFO)
-        with self._slots:
-            self._slots.wait_for(lambda: self._stopping or not full(),
-                                 self._poll_interval)
-            if self._stopping or full():
+        with self._lock:
+            self._slots.wait_for(
+                lambda: self._stopping or self._taken < limit,
+                self._poll_interval)
+            if self._stopping or self._taken >= limit:
                 raise OSError("no request slot is free")
             self._taken += 1
             self._pending = True
-            freed, self._full = self._full, False
-        if freed:
-            self.log("a request slot is free; accepting again", logging.INFO)
+            self._full = False
+        self.log("a request slot is free; accepting again", logging.INFO)
 
     def _accept_failed(self, exc: OSError) -> None:
         """Log the first of a run of accept errors; back off if resources ran out."""
@@ -910,7 +909,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self.log("accept failed: %s" % (exc,), logging.WARNING)
         if exc.errno in _RESOURCE_ERRNOS:
             delay = min(1.0, 0.01 * 2 ** (self._accept_errors - 1))
-            with self._slots:
+            with self._lock:
                 self._slots.wait_for(lambda: self._stopping, delay)
 
     def process_request(self, request: socket.socket,
@@ -925,7 +924,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         joined by server_close() if block_on_close is true.
         """
         host = _host(client_address)
-        with self._slots:
+        with self._lock:
             refused = (self.max_per_client is not None and
                        self._per_client.get(host, 0) >= self.max_per_client)
             if not refused:
@@ -936,14 +935,13 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 self._per_client[host] = self._per_client.get(host, 0) + 1
                 self._counts["peak_active"] = max(self._counts["peak_active"],
                                                   len(self._open))
+                worker = self._spare.pop() if self._spare else None
         if refused:
             self.log("refused %s: %d connections from it already"
                      % (host, self.max_per_client), logging.INFO)
             self.close_request(request)
             return
         job = (request, client_address, "tcpserver-%d" % number)
-        with self._slots:
-            worker = self._spare.pop() if self._spare else None
         if worker is None:
             self._start_worker(job)
         else:
@@ -956,12 +954,12 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         worker.thread = threading.Thread(target=self._work, args=(worker,),
                                          name=job[2],
                                          daemon=self.daemon_threads)
-        with self._slots:
+        with self._lock:
             self._workers.add(worker)
         try:
             worker.thread.start()
         except BaseException:
-            with self._slots:
+            with self._lock:
                 self._workers.discard(worker)
             raise
 
@@ -976,19 +974,18 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 self.process_request_thread(request, client_address)
                 self._wait_for_job(worker)
         finally:
-            with self._slots:
+            with self._lock:
                 self._workers.discard(worker)
 
     def _wait_for_job(self, worker: "_Worker") -> None:
         """Wait as a spare thread until handed a job; leave worker.job None to end."""
-        with self._slots:
+        with self._lock:
             if self._closing or len(self._spare) >= self.max_spare_threads:
                 return
             self._spare.append(worker)
-        worker.thread.name = "tcpserver-spare"
         if worker.wake.acquire(timeout=self.spare_thread_lifetime):
             return
-        with self._slots:
+        with self._lock:
             if worker in self._spare:  # nobody took it in time: retire
                 self._spare.remove(worker)
                 return
@@ -1030,7 +1027,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 self.handle_error(request, peer)
         finally:
             _bound.local_address = None
-            with self._slots:
+            with self._lock:
                 if request in self._drained:
                     self._drained.discard(request)
                     kind = "drained"
@@ -1046,7 +1043,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                             time.monotonic() - began))
 
     def _log_start(self, request: socket.socket, peer: _Address) -> None:
-        with self._slots:
+        with self._lock:
             number = self._open.get(request, (0, ""))[0]
             active = len(self._open)
         self.log("request %d from %s; %s (of %d) started..."
@@ -1105,7 +1102,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         try:
             super().close_request(request)
         finally:
-            with self._slots:
+            with self._lock:
                 opened = self._open.pop(request, None)
                 held = opened is not None or self._pending
                 if opened is not None:
@@ -1143,8 +1140,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         refused: connections closed unserved (verify_request(),
         max_per_client); peak_active: most requests open at once.
         """
-        with self._slots:
+        with self._lock:
             counts = dict(self._counts)
+            counts["accepted"] = self._dispatched + counts["refused"]
             counts["active"] = len(self._open)
         return counts
 
@@ -1158,13 +1156,13 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         deadlocks.  Requests still running carry on; server_close() drains
         them.
         """
-        with self._slots:
+        with self._lock:
             self._stopping = True
             self._slots.notify_all()
         try:
             super().shutdown()
         finally:
-            with self._slots:
+            with self._lock:
                 self._stopping = False
 
     def server_close(self) -> None:
@@ -1178,7 +1176,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         it does not wait at all.
         """
         super().server_close()
-        with self._slots:
+        with self._lock:
             self._closing = True
             spare, self._spare = self._spare, []
             workers = list(self._workers)
@@ -1202,7 +1200,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
     def _reset_open_requests(self, how: int) -> None:
         """Mark open requests for a reset and shut their sockets down (how)."""
-        with self._slots:
+        with self._lock:
             requests = list(self._open)
             self._drained.update(requests)
         self.log("resetting %d requests still running after the %s s drain"
