@@ -88,6 +88,7 @@ SERVER_START_TIMEOUT = 15.0  # seconds a server has to report its port
 SERVER_STOP_TIMEOUT = 5.0    # seconds a server has to exit once told
 OUTPUT_CAP = 8 * 1024        # bytes kept of a child's output, at each end
 BUCKETS_PER_E = 100          # latency histogram: bucket = int(100 * ln(us))
+STALL_MS = 500               # an operation this slow gets a note
 
 
 class BenchError(Exception):
@@ -411,6 +412,8 @@ struct worker {
     long long bytes;     /* bytes read by counted operations */
     long err_connect, err_io, err_timeout, err_empty;
     int first_errno;
+    double slowest;      /* longest operation started in the window, even if
+                            it ended after it: shows stalls */
     long hist[BUCKETS];
 };
 
@@ -452,6 +455,8 @@ static void record(struct worker *w, double t0, double t1, long long bytes)
 {
     double us = (t1 - t0) * 1e6;
     int b = us <= 1.0 ? 0 : (int)(100.0 * log(us));
+    if (t0 >= window_start && t0 < window_end && t1 - t0 > w->slowest)
+        w->slowest = t1 - t0;
     if (t0 < window_start || t1 > window_end)
         return;
     if (b >= BUCKETS)
@@ -611,7 +616,7 @@ int main(int argc, char **argv)
     struct worker *workers;
     struct rlimit rl;
     pthread_attr_t attr;
-    double warmup, duration, cpu0, cpu1 = 0, start;
+    double warmup, duration, cpu0, cpu1 = 0, start, slowest = 0;
     long ops = 0, err_connect = 0, err_io = 0, err_timeout = 0, err_empty = 0;
     long long bytes = 0;
     int clients, i, b, first_errno = 0;
@@ -680,15 +685,17 @@ int main(int argc, char **argv)
         err_empty += w->err_empty;
         if (!first_errno)
             first_errno = w->first_errno;
+        if (w->slowest > slowest)
+            slowest = w->slowest;
         if (i > 0)
             for (b = 0; b < BUCKETS; b++)
                 workers[0].hist[b] += w->hist[b];
     }
     printf("{\"ops\": %ld, \"bytes\": %lld, \"seconds\": %.6f, \"cpu_seconds\": %.6f, "
            "\"errors\": {\"connect\": %ld, \"io\": %ld, \"timeout\": %ld, \"empty\": %ld}, "
-           "\"first_error\": \"%s\", \"hist\": [",
+           "\"max_ms\": %.3f, \"first_error\": \"%s\", \"hist\": [",
            ops, bytes, mode == 'b' ? bulk_seconds : duration, cpu1 - cpu0,
-           err_connect, err_io, err_timeout, err_empty,
+           err_connect, err_io, err_timeout, err_empty, slowest * 1000,
            first_errno ? strerror(first_errno) : "");
     for (b = 0; b < BUCKETS; b++) {
         if (workers[0].hist[b]) {
@@ -731,8 +738,11 @@ class WorkerResult:
         self.errors = {"connect": 0, "io": 0, "timeout": 0, "empty": 0}
         self.first_error = ""
         self.bulk_seconds = 0.0
+        self.slowest = 0.0  # longest operation started in the window
 
     def record(self, t0, t1, nbytes, window):
+        if window[0] <= t0 < window[1]:
+            self.slowest = max(self.slowest, t1 - t0)
         if t0 >= window[0] and t1 <= window[1]:
             bucket = histogram_bucket(t1 - t0)
             self.hist[bucket] = self.hist.get(bucket, 0) + 1
@@ -861,6 +871,7 @@ def client_main(args):
     print(json.dumps({
         "ops": sum(r.ops for r in results), "bytes": sum(r.bytes for r in results),
         "seconds": seconds, "cpu_seconds": cpu1 - cpu0, "errors": errors,
+        "max_ms": 1000.0 * max(r.slowest for r in results),
         "first_error": next((r.first_error for r in results if r.first_error), ""),
         "hist": sorted(hist.items())}))
     return 0
@@ -935,6 +946,7 @@ def merge_load_results(results):
     merged = {"ops": 0, "bytes": 0, "cpu_seconds": 0.0, "hist": {},
               "errors": {"connect": 0, "io": 0, "timeout": 0, "empty": 0},
               "seconds": max(r["seconds"] for r in results),
+              "max_ms": max(r["max_ms"] for r in results),
               "first_error": next((r["first_error"] for r in results if r["first_error"]), "")}
     for result in results:
         for key in ("ops", "bytes", "cpu_seconds"):
@@ -1135,13 +1147,13 @@ class ServerProcess:
             pass
         return found
 
-    def stop(self):
+    def stop(self, timeout=SERVER_STOP_TIMEOUT):
         """Close the server's stdin (its signal to stop), wait, then kill."""
         try:
             self.proc.stdin.close()
         except OSError:
             pass
-        reap(self.proc, SERVER_STOP_TIMEOUT)
+        reap(self.proc, timeout)
         try:
             with open(self.stats_file) as f:
                 self.stats = json.load(f)
@@ -1166,6 +1178,7 @@ def load_figures(result, rate_key):
             "p50_ms": percentile_ms(result["hist"], 0.50),
             "p99_ms": percentile_ms(result["hist"], 0.99),
             "client_cpu_pct": 100.0 * result["cpu_seconds"] / seconds,
+            "max_ms": result["max_ms"],
             "errors": sum(result["errors"].values())}
 
 
@@ -1311,33 +1324,53 @@ def wait_for_threads(server, count, timeout):
         elif threads >= count and time.monotonic() - steady_since >= 0.2:
             return
         time.sleep(0.05)
-    raise BenchError("server runs %s threads, not the %d for its idle connections"
-                     % (last, count))
+    raise BenchError("after %d s the server runs %s threads, not the %d its idle "
+                     "connections need" % (timeout, last, count))
 
 
-def measure_growth(bench, kind, held):
-    """growth: connection rate and RSS while held idle connections are open."""
-    server = ServerProcess(bench, kind, ["--max-requests", str(held + 10000)])
+def measure_growth(bench, kind, counts):
+    """growth: one server, grown to each count of idle connections in turn.
+
+    At each count: the server's RSS, and the rate of extra short
+    connections.  Returns {"levels": {count: {"figures", "client"}}}, and
+    "error" if a count could not be reached: the counts before it stand.
+    """
+    server = ServerProcess(bench, kind, ["--max-requests", str(max(counts) + 10000)])
     sockets = []
+    levels = {}
+    record = {"levels": levels}
     try:
         before = server.status()
-        sockets = open_idle_connections(server.port, held, timeout=120)
-        wait_for_threads(server, held, timeout=60)
-        holding = server.status()
-        result, cpu = load_server(bench, server, "conn", bench.settings.growth_clients,
-                                  HOLD_MESSAGE, bench.settings.warmup,
-                                  bench.settings.growth_duration)
+        for held in counts:
+            try:
+                step = step_timeout(bench, 30 + held / 100.0)
+                sockets += open_idle_connections(server.port, held - len(sockets), step)
+                wait_for_threads(server, held + 1, step_timeout(bench, 30 + held / 100.0))
+                holding = server.status()
+                result, cpu = load_server(bench, server, "conn", bench.settings.growth_clients,
+                                          HOLD_MESSAGE, bench.settings.warmup,
+                                          bench.settings.growth_duration)
+            except BenchError as exc:
+                record["error"] = "at %d idle connections: %s" % (held, exc)
+                break
+            figures = load_figures(result, "conn_s")
+            figures["server_cpu_pct"] = cpu
+            figures["threads"] = holding["threads"]
+            if before["rss_kib"] is not None and holding["rss_kib"] is not None:
+                figures["rss_kib_per_conn"] = (holding["rss_kib"] - before["rss_kib"]) / held
+                figures["rss_mib"] = holding["rss_kib"] / 1024.0
+            result["hist"] = sorted(result["hist"].items())
+            levels[held] = {"figures": figures, "client": result}
     finally:
         close_all(sockets)
-        server.stop()
-    figures = load_figures(result, "conn_s")
-    figures["server_cpu_pct"] = cpu
-    figures["threads"] = holding["threads"]
-    if before["rss_kib"] is not None and holding["rss_kib"] is not None:
-        figures["rss_kib_per_conn"] = (holding["rss_kib"] - before["rss_kib"]) / held
-        figures["rss_mib"] = holding["rss_kib"] / 1024.0
-    result["hist"] = sorted(result["hist"].items())
-    return dict(figures=figures, client=result, **server.report())
+        server.stop(timeout=2.0)  # 10,000 threads take long to wind down
+    record.update(server.report())
+    return record
+
+
+def step_timeout(bench, seconds):
+    """seconds, but no later than the benchmark's time limit (and at least 10 s)."""
+    return max(10.0, min(seconds, bench.deadline - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------
@@ -1351,11 +1384,13 @@ class Settings:
         quick = args.quick
         self.quick = quick
         self.runs = args.runs
-        self.duration = args.duration or (0.5 if quick else 3.0)
+        self.duration = args.duration or (0.5 if quick else 2.0)
         self.warmup = 0.2 if quick else 0.5
         self.conn_clients = [32] if quick else [1, 32, 256]
         self.ping_clients = [1] if quick else [1, 32]
-        self.bulk_bytes = (5 if quick else 100) * 10**6
+        self.bulk_bytes = (10 if quick else 100) * 10**6
+        self.bulk_pairs = BULK_PAIRS[1:] if quick else BULK_PAIRS  # quick: the targets
+        self.with_ucspi = not quick
         self.bulk_timeout = 30.0 if quick else 120.0
         self.http_clients = 32
         self.held_counts = [1000] if quick else [1000, 5000, 10000]
@@ -1412,7 +1447,12 @@ RATE_UNITS = {"conn_s": "conn/s", "rt_s": "rt/s", "mb_s": "MB/s", "req_s": "req/
 
 def progress(scenario, config, run, runs, label, record):
     """One line on stderr per run, so a long benchmark shows it is alive."""
-    if "error" in record:
+    if "levels" in record:
+        what = "; ".join("%s held: %s conn/s" % ("{:,}".format(held), fmt(level["figures"]["conn_s"]))
+                         for held, level in sorted(record["levels"].items()))
+        if "error" in record:
+            what += "; FAILED " + record["error"][:150]
+    elif "error" in record:
         what = "FAILED: " + record["error"][:150]
     else:
         figures = record["figures"]
@@ -1426,7 +1466,7 @@ def daytime_servers(bench):
     servers = [("tcpserver", "tcpserver-daytime"),
                ("socketserver", "socketserver-daytime"),
                ("asyncio", "asyncio-daytime")]
-    if bench.ucspi:
+    if bench.ucspi and bench.settings.with_ucspi:
         servers.append(("ucspi-tcp (date)", "ucspi-daytime"))
     return servers
 
@@ -1435,7 +1475,7 @@ def echo_servers(bench):
     servers = [("tcpserver", "tcpserver-echo"),
                ("socketserver", "socketserver-echo"),
                ("asyncio", "asyncio-echo")]
-    if bench.ucspi:
+    if bench.ucspi and bench.settings.with_ucspi:
         servers.append(("ucspi-tcp (cat)", "ucspi-echo"))
     return servers
 
@@ -1485,11 +1525,11 @@ BULK_PAIRS = [
 
 def scenario_bulk(bench):
     s = bench.settings
-    servers = [server for pair in BULK_PAIRS for server in pair]
+    servers = [server for pair in s.bulk_pairs for server in pair]
     records = compare(bench, "bulk", "%dMB" % (s.bulk_bytes // 10**6), servers,
                       lambda kind: measure_bulk(bench, kind))
     rows = []
-    for (label, _), (reference, _) in BULK_PAIRS:
+    for (label, _), (reference, _) in s.bulk_pairs:
         rows.append((label, records[label], records[reference]))
         rows.append((reference, records[reference], None))
     print_table("Bulk: one connection reads %d MB of 64-byte lines (%d runs)"
@@ -1526,37 +1566,57 @@ def scenario_http(bench):
 def scenario_growth(bench):
     s = bench.settings
     limit = nofile_limit()
+    counts = [held for held in s.held_counts if limit is None or held + 500 <= limit]
+    if counts != s.held_counts:
+        print("\ngrowth: RLIMIT_NOFILE is %s, too low for %s idle connections: left out"
+              % (limit, ", ".join(str(held) for held in s.held_counts if held not in counts)))
+        bench.skipped.append(("growth", "counts above RLIMIT_NOFILE"))
+    if not counts:
+        return
+    servers = [("tcpserver", "tcpserver-hold"), ("socketserver", "socketserver-hold")]
+    records = compare(bench, "growth", "to %d held" % counts[-1], servers,
+                      lambda kind: measure_growth(bench, kind, counts))
     rows = []
-    first = {}
-    for held in s.held_counts:
-        if limit is not None and held + 500 > limit:
-            print("\ngrowth: %d idle connections need RLIMIT_NOFILE above %d; skipped"
-                  % (held, limit))
-            bench.skipped.append(("growth", "%d held" % held))
-            continue
-        servers = [("tcpserver", "tcpserver-hold"), ("socketserver", "socketserver-hold")]
-        records = compare(bench, "growth", "%d held" % held, servers,
-                          lambda kind: measure_growth(bench, kind, held))
+    for held in counts:
+        level_records = {label: growth_level(records[label], held) for label, _ in servers}
         for label, _ in servers:
-            first.setdefault(label, records[label])
-            for record in records[label]:
-                rate, base = record.get("figures", {}).get("conn_s"), median_of(first[label], "conn_s")
+            first = growth_level(records[label], counts[0])
+            for record in level_records[label]:
+                rate, base = record.get("figures", {}).get("conn_s"), median_of(first, "conn_s")
                 if rate is not None and base:
                     record["figures"]["conn_s_vs_first"] = rate / base
-            reference = None if label == "socketserver" else records["socketserver"]
-            rows.append(("%-12s %6s held" % (label, "{:,}".format(held)), records[label],
-                         reference))
-    if rows:
-        print_table("Growth: idle connections held open; %d extra clients loop connect, "
-                    "send a line, read to EOF (%d runs of %.1f s)"
-                    % (s.growth_clients, s.runs, s.growth_duration), rows,
-                    [("conn_s", "conn/s", "main"), ("conn_s_vs_first", "vs %s" %
-                                                    "{:,}".format(s.held_counts[0]), "value"),
-                     ("p99_ms", "p99 ms", "main"), ("rss_kib_per_conn", "KiB/idle", "main"),
-                     ("rss_mib", "RSS MiB", "value"), ("threads", "threads", "value"),
-                     ("errors", "errors", "sum")],
-                    "x ss: the median over socketserver's with as many held (KiB/idle: "
-                    "lower is better); vs: conn/s over the same server's with the fewest held")
+            reference = None if label == "socketserver" else level_records["socketserver"]
+            rows.append(("%-12s %6s held" % (label, "{:,}".format(held)),
+                         level_records[label], reference))
+    print_table("Growth: idle connections held open; meanwhile %d clients loop connect, "
+                "send a line, read to EOF (%d runs of %.1f s; each run grows one server)"
+                % (s.growth_clients, s.runs, s.growth_duration), rows,
+                [("conn_s", "conn/s", "main"),
+                 ("conn_s_vs_first", "vs %s" % "{:,}".format(counts[0]), "value"),
+                 ("p99_ms", "p99 ms", "main"), ("rss_kib_per_conn", "KiB/idle", "main"),
+                 ("rss_mib", "RSS MiB", "value"), ("threads", "threads", "value"),
+                 ("errors", "errors", "sum")],
+                "x ss: the median over socketserver's with as many held (KiB/idle: "
+                "lower is better); vs: conn/s over the same server's with the fewest held")
+
+
+def growth_level(records, held):
+    """The records of one count of idle connections, from measure_growth()'s runs.
+
+    A run that failed before reaching held gives a failed record, so the
+    table's notes say why; the server's output goes with the last level.
+    """
+    level = []
+    for record in records:
+        if held in record.get("levels", {}):
+            entry = dict(record["levels"][held], run=record["run"])
+            if held == max(record["levels"]):
+                entry["server_output"] = record.get("server_output")
+                entry["server_stats"] = record.get("server_stats")
+            level.append(entry)
+        elif "error" in record:
+            level.append({"run": record["run"], "error": record["error"]})
+    return level
 
 
 SCENARIO_FUNCTIONS = {"conn": scenario_conn, "ping": scenario_ping, "bulk": scenario_bulk,
@@ -1655,6 +1715,9 @@ def notes_for(label, records):
             kinds = ", ".join("%s %d" % item for item in client["errors"].items() if item[1])
             notes.append("%s: client errors %s (first: %s)"
                          % (where, kinds, client.get("first_error") or "-"))
+        slowest = record["figures"].get("max_ms")
+        if slowest is not None and slowest >= STALL_MS:
+            notes.append("%s: slowest operation took %s ms (a stall)" % (where, fmt(slowest)))
         stats = record.get("server_stats") or {}
         if stats.get("failed") or stats.get("refused"):
             notes.append("%s: tcpserver stats() %s" % (where, stats))
@@ -1732,6 +1795,25 @@ def tcpserver_identity():
         hashlib.sha1(data).hexdigest()[:12], data.count(b"\n"))
 
 
+def load_average():
+    """The 1-minute load average, or None."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def describe_load(when):
+    """A line on how busy the machine is: other load makes the figures noisy."""
+    load = load_average()
+    if load is None:
+        return "load average %s: unknown" % when
+    warning = ""
+    if load > 0.5:
+        warning = " (other processes are using the CPUs: expect noisy figures)"
+    return "load average %s: %.2f%s" % (when, load, warning)
+
+
 def describe_machine():
     return {"cpu_model": cpu_model(), "cpus": os.cpu_count(),
             "python": "%s %s" % (platform.python_implementation(), platform.python_version()),
@@ -1758,8 +1840,11 @@ def setup_tools(bench, force_python_client):
               % ("one CPU" if allowed else "no os.sched_setaffinity"))
     if os.access("/usr/bin/tcpserver", os.X_OK) and shutil.which("date") and shutil.which("cat"):
         bench.ucspi = "/usr/bin/tcpserver"
-        print("ucspi-tcp: runs (/usr/bin/tcpserver: date per connection in conn, "
-              "cat in ping)")
+        if bench.settings.with_ucspi:
+            print("ucspi-tcp: runs (/usr/bin/tcpserver: date per connection in conn, "
+                  "cat in ping)")
+        else:
+            print("ucspi-tcp: installed, left out of --quick")
     else:
         print("ucspi-tcp: not installed, left out (apt-get install ucspi-tcp)")
     for tool in ("ab", "wrk"):
@@ -1784,6 +1869,7 @@ def print_header(bench, machine):
           % (machine["cpu_model"], machine["cpus"], machine["kernel"], machine["python"],
              machine["somaxconn"], machine["nofile_limit"]))
     print("under test: %s" % machine["tcpserver"])
+    print(describe_load("at start"))
     print("mode: %s; %d runs per server, alternating; runs of %.1f s after %.1f s warm-up; "
           "scenarios %s" % ("quick" if s.quick else "full", s.runs, s.duration, s.warmup,
                            ", ".join(s.scenarios)))
@@ -1805,7 +1891,7 @@ def parse_args(argv):
     parser.add_argument("--runs", type=int, default=3,
                         help="runs per server and configuration (default 3)")
     parser.add_argument("--duration", type=float,
-                        help="seconds each rate is measured (default 3, --quick 0.5)")
+                        help="seconds each rate is measured (default 2, --quick 0.5)")
     parser.add_argument("--time-limit", type=float, metavar="SECONDS",
                         help="stop starting runs after this long (default 900, --quick 90)")
     parser.add_argument("--python-client", action="store_true",
@@ -1864,7 +1950,8 @@ def main(argv=None):
                 kill_children()
             if bench.skipped:
                 print("\nleft out: %s" % "; ".join("%s %s" % item for item in bench.skipped))
-            print("\ntotal time: %.0f s" % (time.monotonic() - began))
+            print("\n" + describe_load("at the end"))
+            print("total time: %.0f s" % (time.monotonic() - began))
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump({"machine": machine, "load_generator": bench.load.description,

@@ -268,17 +268,42 @@ class _Bound(threading.local):
 _bound = _Bound()
 
 
-class _ThreadStream:
-    """Stands in for sys.stdin or sys.stdout, choosing the stream per thread.
+class _Forward:
+    """An attribute of the calling thread's stream, looked up at each use.
 
-    The hot methods are spelled out so that print() and input() pay one
-    thread-local lookup; anything else is forwarded by __getattr__, which is
-    why this class's own attributes all start with an underscore.  Where the
-    process has no stream (sys.stdout is None in a daemon), writes are
-    dropped, as print() drops them.
+    A non-data descriptor, so a name the thread's own dict of a
+    _ThreadStream holds (a shortcut) wins over it.
     """
 
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._attribute = name
+
+    def __get__(self, stream: Any, owner: Optional[type] = None) -> Any:
+        if stream is None:
+            return self
+        return getattr(stream._current(), self._attribute)
+
+
+class _ThreadStream(threading.local):
+    """Stands in for sys.stdin or sys.stdout, choosing the stream per thread.
+
+    It offers io.TextIOWrapper's interface and forwards each name to the
+    calling thread's stream: the connection's in a thread running a thunk,
+    the one that was there before (the fallback) in every other thread.
+    Where the process has no stream (sys.stdout is None in a daemon),
+    writes are dropped, as print() drops them.  Other attributes a
+    replaced sys.stdout may have are not forwarded: a forwarding
+    __getattr__ would slow down every lookup, print()'s included.
+
+    It is a threading.local so that a thread running a thunk can keep the
+    connection's write, flush and buffer in its own attribute dict
+    (bind()): print() then finds them with no Python call in between.
+    """
+
+    _SHORTCUTS = ("write", "flush", "buffer")
+
     def __init__(self, name: str, fallback: Any) -> None:
+        # threading.local runs this in each thread that uses the stream.
         self._name = name            # "stdin" or "stdout"
         self._fallback = fallback    # the stream other threads keep seeing
 
@@ -287,6 +312,18 @@ class _ThreadStream:
         handler = _bound.handler
         return self._fallback if handler is None else getattr(handler,
                                                               self._name)
+
+    def bind(self, stream: io.TextIOWrapper) -> None:
+        """Give the calling thread stream's hot methods as shortcuts."""
+        own = vars(self)
+        for name in self._SHORTCUTS:
+            own[name] = getattr(stream, name)
+
+    def unbind(self) -> None:
+        """Drop the calling thread's shortcuts."""
+        own = vars(self)
+        for name in self._SHORTCUTS:
+            own.pop(name, None)
 
     def write(self, text: str) -> int:
         stream = self._current()
@@ -300,6 +337,30 @@ class _ThreadStream:
     def readline(self, size: int = -1) -> str:
         return self._current().readline(size)
 
+    buffer = _Forward()
+    close = _Forward()
+    closed = _Forward()
+    detach = _Forward()
+    encoding = _Forward()
+    errors = _Forward()
+    fileno = _Forward()
+    isatty = _Forward()
+    line_buffering = _Forward()
+    mode = _Forward()
+    name = _Forward()
+    newlines = _Forward()
+    read = _Forward()
+    readable = _Forward()
+    readlines = _Forward()
+    reconfigure = _Forward()
+    seek = _Forward()
+    seekable = _Forward()
+    tell = _Forward()
+    truncate = _Forward()
+    writable = _Forward()
+    write_through = _Forward()
+    writelines = _Forward()
+
     def __iter__(self) -> Any:
         return iter(self._current())
 
@@ -311,9 +372,6 @@ class _ThreadStream:
 
     def __exit__(self, *exc_info: Any) -> Any:
         return self._current().__exit__(*exc_info)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._current(), name)
 
     def __repr__(self) -> str:
         return "<tcpserver per-thread sys.%s, elsewhere %r>" % (
@@ -332,13 +390,15 @@ class _StreamSwitch:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._users = 0
-        self._streams = []  # type: list
+        self._streams = []  # type: List[_ThreadStream]
+        self._stdout = None  # type: Optional[_ThreadStream]
 
     def __enter__(self) -> "_StreamSwitch":
         with self._lock:
             if self._users == 0:
-                self._streams = [_ThreadStream(name, getattr(sys, name))
-                                 for name in ("stdin", "stdout")]
+                self._stdout = _ThreadStream("stdout", sys.stdout)
+                self._streams = [_ThreadStream("stdin", sys.stdin),
+                                 self._stdout]
                 for stream in self._streams:
                     setattr(sys, stream._name, stream)
             self._users += 1
@@ -352,6 +412,17 @@ class _StreamSwitch:
                     if getattr(sys, stream._name) is stream:
                         setattr(sys, stream._name, stream._fallback)
                 self._streams = []
+
+    def bind(self, stdout: io.TextIOWrapper) -> None:
+        """Send the calling thread's print() straight to stdout.
+
+        Only while a reference is held; unbind() before giving it back.
+        """
+        self._stdout.bind(stdout)
+
+    def unbind(self) -> None:
+        """Undo bind() for the calling thread."""
+        self._stdout.unbind()
 
 
 _switch = _StreamSwitch()
@@ -439,6 +510,18 @@ class _SocketWriter(io.RawIOBase):
         return self._sock.fileno()
 
 
+def _raw_writer(sock: socket.socket) -> io.RawIOBase:
+    """Return an unbuffered binary writer on sock.
+
+    A plain blocking socket gets a FileIO on its descriptor: write() in C,
+    no Python call per flush.  A socket with a timeout (whose descriptor is
+    non-blocking) or a TLS socket needs the socket's own send().
+    """
+    if type(sock) is socket.socket and sock.gettimeout() is None:
+        return io.FileIO(sock.fileno(), "wb", closefd=False)
+    return _SocketWriter(sock)
+
+
 class _TextReader(io.TextIOWrapper):
     """sys.stdin of a thunk: readline() refuses lines over max_line characters.
 
@@ -515,7 +598,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         if self.disable_nagle_algorithm:
             self.connection.setsockopt(socket.IPPROTO_TCP,
                                        socket.TCP_NODELAY, True)
-        self.wfile = io.BufferedWriter(_SocketWriter(self.connection),
+        self.wfile = io.BufferedWriter(_raw_writer(self.connection),
                                        self.wbufsize)
         self.stdout = io.TextIOWrapper(self.wfile, encoding=self.encoding,
                                        errors=self.encode_errors,
@@ -544,6 +627,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         """Call the thunk with this thread's standard streams bound, then flush."""
         with _switch:
             _bound.handler = self
+            _switch.bind(self.stdout)
             try:
                 self.server.thunk()
             except EOFError as exc:
@@ -551,6 +635,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
                         and exc.args == _INPUT_EOF):
                     raise  # not input() at the end of the client's input
             finally:
+                _switch.unbind()
                 _bound.handler = None
         if not self.stdout.closed:  # the thunk may have closed it: done then
             self.stdout.flush()

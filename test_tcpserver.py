@@ -9,6 +9,7 @@ missing; .ci/run installs them.
 
 import errno
 import functools
+import gc
 import hashlib
 import http.server
 import io
@@ -32,6 +33,7 @@ import time
 import unittest
 import urllib.error
 import urllib.request
+import weakref
 import xmlrpc.client
 import xmlrpc.server
 
@@ -718,6 +720,52 @@ class TestStreams(ServerTestCase):
         self.assertEqual(stdout.getvalue(), "from the child thread\n")
         self.assertEqual(len(seen), 1)
         self.assertIn("must be called from a thunk's own thread", seen[0])
+
+    def test_the_text_stream_interface_in_every_thread(self):
+        names = [name for name in dir(io.TextIOWrapper) if not name.startswith("_")]
+        self.addCleanup(setattr, sys, "stdout", sys.stdout)
+        sys.stdout = original = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")
+        mismatches = []
+
+        def attribute(stream, name):
+            try:
+                return getattr(stream, name)
+            except AttributeError as exc:  # e.g. name, where the raw stream has none
+                return type(exc)
+
+        def compare(proxy, stream, where):
+            for name in names:
+                if name in ("write", "flush", "readline"):  # the switch's own, unless bound
+                    same = callable(getattr(proxy, name)) == callable(getattr(stream, name))
+                else:
+                    same = attribute(proxy, name) == attribute(stream, name)
+                if not same:
+                    mismatches.append((where, name))
+
+        def thunk():
+            handler = tcpserver.current_connection()
+            compare(sys.stdout, handler.stdout, "thunk stdout")
+            compare(sys.stdin, handler.stdin, "thunk stdin")
+            print("compared")
+
+        server = self.start(thunk)
+        self.assertEqual(self.talk(server), b"compared\n")
+        compare(sys.stdout, original, "main thread")
+        self.assertEqual(mismatches, [])
+        self.assertEqual(sys.stdout.encoding, "latin-1")
+        self.assertIn("per-thread sys.stdout", repr(sys.stdout))
+
+    def test_a_spare_thread_lets_go_of_its_last_connection(self):
+        streams = []
+        server = self.start(lambda: streams.append(
+            weakref.ref(tcpserver.current_connection().stdout)))
+        self.assertEqual(self.talk(server), b"")
+        deadline = time.monotonic() + TIMEOUT
+        while server.stats()["active"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # the request ends just after the client's EOF
+        gc.collect()
+        self.assertEqual(len(streams), 1)
+        self.assertIsNone(streams[0]())  # the thread waits for work, holding nothing
 
     def test_current_connection_outside_a_thunk(self):
         with self.assertRaises(RuntimeError):
