@@ -50,6 +50,7 @@ __all__ = [
     "ThreadingTCPServer",
     "ThunkHandler",
     "current_connection",
+    "main",
     "make_tcp_server",
     "tcp_abandon",
     "tcp_accept",
@@ -58,11 +59,17 @@ __all__ = [
 ]
 
 import errno
+import importlib
 import io
 import logging
+import os
+import selectors
+import shutil
+import signal
 import socket
 import socketserver
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -1392,3 +1399,730 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
         if sock is not listener:
             sock.close()  # ours: a bad setting must not leak it
         raise
+
+
+# ---------------------------------------------------------------------------
+# The command line: python -m tcpserver, a ucspi-tcp tcpserver in Python.
+# ---------------------------------------------------------------------------
+
+_EXIT_USAGE = 100      # a bad option or argument, as ucspi-tcp's usage errors
+_EXIT_TEMPORARY = 111  # a failure worth retrying (address in use), djb's code
+
+_USAGE = ("usage: python -m tcpserver [options] HOST PORT PROGRAM [ARG ...]\n"
+          "       python -m tcpserver [options] HOST PORT --call MODULE:FUNCTION")
+
+_HELP = _USAGE + """
+
+Runs PROGRAM for every TCP connection to HOST PORT, with its stdin and
+stdout on the connection (its stderr stays on the server's), as ucspi-tcp's
+tcpserver does; or, with --call, a Python thunk with print() and input() on
+the connection.  HOST 0 is every IPv4 interface, :: every interface of both
+families; PORT 0 picks a free port (print it with -1).
+
+examples:
+  python -m tcpserver -v 127.0.0.1 6504 date
+  python -m tcpserver -c 100 -HRl0 0 7000 cat
+  python -m tcpserver -1 127.0.0.1 0 --call example_daytime:daytime
+  python -m tcpserver --tls-cert c.pem --tls-key k.pem 0 993 ./imapd
+
+ucspi-tcp's options (same letters, same meanings):
+  -c N       run at most N programs at once (default 40); others wait
+  -b N       listen queue of N connections (default 20)
+  -v, -Q, -q verbose log lines / only errors (default) / nothing, on stderr
+  -B TEXT    write TEXT to each client before running PROGRAM
+  -1         print the local port on stdout once listening
+  -d, -D     Nagle on / off (default -D: each write leaves at once)
+  -h, -H     look up the client's host name (TCPREMOTEHOST) / do not
+  -p, -P     paranoid: drop a host name whose address differs / do not
+  -l NAME    TCPLOCALHOST=NAME instead of looking up the local name
+  -r, -R, -t N  ident lookups: accepted, never done (no TCPREMOTEINFO)
+  -o, -O     keep / clear (default) IPv4 options of each connection
+  -x FILE    follow tcprules(1) rules in FILE.cdb: allow, deny, set env
+  -X         with -x, allow connections if FILE does not exist
+  -u UID, -g GID, -U   drop to that uid/gid ($UID, $GID) after binding
+
+options of our own:
+  --call MODULE:FUNCTION  serve that thunk instead of a PROGRAM
+  --per-client N          at most N connections from one IP address
+  --timeout SECONDS       end a connection idle that long
+  --drain SECONDS         on SIGTERM/SIGINT, let connections finish for
+                          this long (default 10), then reset them
+  --tls-cert FILE, --tls-key FILE   serve TLS (PROGRAM is then fed by pipes)
+  --tls-ca FILE           and require client certificates signed by FILE
+  --help                  this text
+
+PROGRAM's environment adds PROTO=TCP, TCPLOCALIP, TCPLOCALPORT,
+TCPREMOTEIP, TCPREMOTEPORT, and TCPLOCALHOST, TCPREMOTEHOST when known.
+SIGTERM or SIGINT stops accepting, drains, and exits 0; a second one stops
+at once.  Exit codes: 0 stopped by a signal, 100 bad usage, 111 temporary
+failure (address in use, cannot resolve HOST, cannot drop privileges)."""
+
+
+class _UsageError(Exception):
+    """The command line is wrong: one line for stderr, exit _EXIT_USAGE."""
+
+
+class _Stop(Exception):
+    """A second signal: stop at once."""
+
+
+class _Options:
+    """The command line's settings; the defaults are ucspi-tcp's, -D aside."""
+
+    limit = 40
+    backlog = 20
+    verbosity = 1          # 0: -q, 1: -Q (errors), 2: -v
+    banner = ""
+    print_port = False
+    nodelay = True
+    remote_host = True     # -h
+    paranoid = False       # -p
+    local_host = None      # type: Optional[str]  # -l NAME
+    ip_options = False     # -o keeps them
+    rules = None           # type: Optional[str]
+    rules_optional = False
+    uid = None             # type: Optional[int]
+    gid = None             # type: Optional[int]
+    per_client = None      # type: Optional[int]
+    timeout = None         # type: Optional[float]
+    drain = DEFAULT_DRAIN_TIMEOUT
+    tls_cert = None        # type: Optional[str]
+    tls_key = None         # type: Optional[str]
+    tls_ca = None          # type: Optional[str]
+    call = None            # type: Optional[str]
+    help = False
+    host = ""
+    port = 0
+    program = []           # type: List[str]
+
+
+def _number(option: str, text: str, minimum: float = 0,
+            kind: Callable[[str], Any] = int) -> Any:
+    """Return text as a number >= minimum, or raise _UsageError naming option."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise _UsageError("%s needs a number >= %s, not %r"
+                          % (option, minimum, text))
+    return value
+
+
+def _parse_command_line(argv: List[str]) -> _Options:
+    """Return the options of a command line; raise _UsageError if it is wrong."""
+    import getopt  # 2 ms (gettext) that the library need not pay
+    options = _Options()
+    try:
+        pairs, rest = getopt.getopt(
+            argv, "c:b:vqQB:1dDhHpPl:rRt:oOx:Xu:g:U",
+            ["call=", "per-client=", "timeout=", "drain=", "tls-cert=",
+             "tls-key=", "tls-ca=", "help"])
+        if len(rest) >= 4 and rest[2] == "--call":  # HOST PORT --call M:F
+            pairs.append(("--call", rest[3]))
+            extra = rest[4:]
+            rest = rest[:2]
+            if extra:
+                raise _UsageError("--call takes no PROGRAM: %r" % extra[0])
+        elif len(rest) >= 3 and rest[2].startswith("--call="):
+            pairs.append(("--call", rest[2][len("--call="):]))
+            rest = rest[:2] + rest[3:]
+    except getopt.GetoptError as exc:
+        raise _UsageError(str(exc)) from None
+    for option, value in pairs:
+        _apply_option(options, option, value)
+    if options.help:
+        return options
+    if len(rest) < 2:
+        raise _UsageError("HOST and PORT are needed")
+    options.host = {"0": "0.0.0.0", "::": ""}.get(rest[0], rest[0])
+    options.port = _port_number(rest[1])
+    options.program = rest[2:]
+    if bool(options.program) == bool(options.call):
+        raise _UsageError("give either PROGRAM or --call MODULE:FUNCTION")
+    if bool(options.tls_cert) != bool(options.tls_key):
+        raise _UsageError("--tls-cert and --tls-key go together")
+    if options.tls_ca and not options.tls_cert:
+        raise _UsageError("--tls-ca needs --tls-cert and --tls-key")
+    return options
+
+
+def _apply_option(options: _Options, option: str, value: str) -> None:
+    """Set what one option (from getopt) means."""
+    flags = {"-v": ("verbosity", 2), "-Q": ("verbosity", 1),
+             "-q": ("verbosity", 0), "-1": ("print_port", True),
+             "-d": ("nodelay", False), "-D": ("nodelay", True),
+             "-h": ("remote_host", True), "-H": ("remote_host", False),
+             "-p": ("paranoid", True), "-P": ("paranoid", False),
+             "-o": ("ip_options", True), "-O": ("ip_options", False),
+             "-X": ("rules_optional", True), "--help": ("help", True)}
+    if option in flags:
+        setattr(options, *flags[option])
+    elif option in ("-r", "-R", "-t"):
+        if option == "-t":
+            _number(option, value)  # ident timeout: checked, not used
+    elif option == "-c":
+        options.limit = _number(option, value, 1)
+    elif option == "-b":
+        options.backlog = _number(option, value)
+    elif option == "-B":
+        options.banner = value
+    elif option == "-l":
+        options.local_host = value
+    elif option == "-x":
+        options.rules = value
+    elif option in ("-u", "-g"):
+        setattr(options, "uid" if option == "-u" else "gid",
+                _number(option, value))
+    elif option == "-U":
+        for name in ("UID", "GID"):
+            if name in os.environ:
+                setattr(options, name.lower(),
+                        _number("-U ($%s)" % name, os.environ[name]))
+    elif option == "--call":
+        options.call = value
+    elif option == "--per-client":
+        options.per_client = _number(option, value, 1)
+    elif option in ("--timeout", "--drain"):
+        setattr(options, option[2:], _number(option, value, 0, float))
+    else:  # --tls-cert, --tls-key, --tls-ca
+        setattr(options, option[2:].replace("-", "_"), value)
+
+
+def _port_number(text: str) -> int:
+    """Return PORT as a number: digits, or a service name from /etc/services."""
+    if text.isdigit():
+        return _number("PORT", text)
+    try:
+        return socket.getservbyname(text, "tcp")
+    except OSError:
+        raise _UsageError("PORT %r is neither a number nor a known service"
+                          % text) from None
+
+
+def _cdb_get(data: bytes, key: bytes) -> Optional[bytes]:
+    """Return the first value of key in a cdb file's bytes, or None.
+
+    cdb (D. J. Bernstein's constant database, which tcprules writes): 256
+    (position, slots) pairs, then records, then the hash tables.
+    """
+    digest = 5381
+    for byte in key:
+        digest = ((digest * 33) ^ byte) & 0xFFFFFFFF
+    position, slots = struct.unpack_from("<II", data, (digest & 255) * 8)
+    if not slots:
+        return None
+    slot = (digest >> 8) % slots
+    for _ in range(slots):
+        found, record = struct.unpack_from("<II", data, position + slot * 8)
+        if not record:
+            return None
+        if found == digest:
+            key_length, value_length = struct.unpack_from("<II", data, record)
+            start = record + 8
+            if data[start:start + key_length] == key:
+                start += key_length
+                return data[start:start + value_length]
+        slot = (slot + 1) % slots
+    return None
+
+
+def _rule_keys(ip: str, host: Optional[str]) -> List[str]:
+    """The keys tcprules' cdb is searched for, in tcprules(1)'s order."""
+    keys = [ip]
+    if host:
+        keys.append("=" + host)
+    parts = ip.split(".")
+    keys += [".".join(parts[:n]) + "." for n in range(len(parts) - 1, 0, -1)]
+    if host:
+        labels = host.split(".")
+        keys += ["=." + ".".join(labels[n:]) for n in range(1, len(labels))]
+        keys.append("=")
+    keys.append("")
+    return keys
+
+
+def _follow_rules(path: str, ip: str, host: Optional[str],
+                  optional: bool) -> Optional[Dict[str, str]]:
+    """Return the environment tcprules' file at path sets for a client, or
+    None if it denies the client.  The file is read for each connection, so
+    tcprules can replace it while the server runs."""
+    try:
+        with open(path, "rb") as rules:
+            data = rules.read()
+    except FileNotFoundError:
+        if optional:
+            return {}
+        raise
+    for key in _rule_keys(ip, host):
+        value = _cdb_get(data, key.encode())
+        if value is not None:
+            break
+    else:
+        return {}
+    environment = {}
+    for item in value.split(b"\0"):
+        if item == b"D":
+            return None
+        if item.startswith(b"+") and b"=" in item:
+            name, _, setting = item[1:].partition(b"=")
+            environment[os.fsdecode(name)] = os.fsdecode(setting)
+    return environment
+
+
+def _host_name(ip: str, paranoid: bool) -> Optional[str]:
+    """Return the name the resolver gives ip, or None.  paranoid: only if
+    that name resolves back to ip (-p)."""
+    try:
+        name = socket.gethostbyaddr(ip)[0]
+        if paranoid and ip not in socket.gethostbyname_ex(name)[2]:
+            return None
+    except (OSError, UnicodeError):
+        return None
+    return name
+
+
+class _CommandServer(ThreadingTCPServer):
+    """The server behind ``python -m tcpserver``: ucspi-tcp's log lines,
+    environment and rules on top of ThreadingTCPServer.
+
+    A connection's "number" in the log is its PROGRAM's process id, as in
+    ucspi-tcp; where no process runs (a denied connection, --call) it is
+    the connection's serial number instead.
+    """
+
+    options = _Options()
+
+    def __init__(self, *args: Any, options: _Options, **kwargs: Any) -> None:
+        self.options = options
+        self._log_lock = threading.Lock()  # keeps the counts and lines in step
+        self._running = 0
+        self._numbers = 0
+        self._children = set()  # type: Set[Any]  # subprocess.Popen
+        super().__init__(*args, **kwargs)
+
+    def say(self, line: str) -> None:
+        """Write one of ucspi-tcp's -v lines to stderr."""
+        if self.options.verbosity >= 2:
+            sys.stderr.write("tcpserver: %s\n" % line)
+            sys.stderr.flush()
+
+    def log(self, message: str, level: int = logging.DEBUG) -> None:
+        """Our own diagnostics: warnings and worse, unless -q."""
+        if level >= logging.WARNING and self.options.verbosity >= 1:
+            sys.stderr.write("tcpserver: warning: %s\n" % message)
+            sys.stderr.flush()
+
+    def handle_error(self, request: Any, client_address: _Address) -> None:
+        """A thunk's exception: its traceback, unless -q."""
+        if self.options.verbosity >= 1:
+            super().handle_error(request, client_address)
+
+    def begin(self) -> int:
+        """Count a connection in (status line); return its serial number."""
+        with self._log_lock:
+            self._running += 1
+            self._numbers += 1
+            self.say("status: %d/%d" % (self._running, self.options.limit))
+            return self._numbers
+
+    def end(self, number: int, status: int) -> None:
+        """Log a connection's end with its raw wait status; count it out."""
+        with self._log_lock:
+            self._running -= 1
+            self.say("end %d status %d" % (number, status))
+            self.say("status: %d/%d" % (self._running, self.options.limit))
+
+    def environment(self, connection: socket.socket, local: _Address,
+                    peer: _Address) -> Tuple[Dict[str, str], str, str]:
+        """Return a connection's TCP* variables (plus what the rules set)
+        and the local and remote fields of its log lines."""
+        options = self.options
+        local_host = options.local_host
+        if local_host is None:
+            local_host = _host_name(local[0], False)
+        remote_host = (_host_name(peer[0], options.paranoid)
+                       if options.remote_host else None)
+        variables = {"PROTO": "TCP", "TCPLOCALIP": str(local[0]),
+                     "TCPLOCALPORT": str(local[1]),
+                     "TCPREMOTEIP": str(peer[0]),
+                     "TCPREMOTEPORT": str(peer[1])}
+        if local_host is not None:
+            variables["TCPLOCALHOST"] = local_host
+        if remote_host is not None:
+            variables["TCPREMOTEHOST"] = remote_host
+        fields = ("%s:%s:%s" % (local_host or "", local[0], local[1]),
+                  "%s:%s::%s" % (remote_host or "", peer[0], peer[1]))
+        return variables, fields[0], fields[1]
+
+    def admit(self, connection: socket.socket, local: _Address,
+              peer: _Address, number: int) -> Optional[Tuple[Dict[str, str], str]]:
+        """Decide on a connection: its environment and the fields of its
+        "ok" line, or None if the rules deny it (logged).  Sets its socket
+        options and sends the banner."""
+        variables, local_field, remote_field = self.environment(
+            connection, local, peer)
+        if self.options.rules:
+            try:
+                granted = _follow_rules(self.options.rules, str(peer[0]),
+                                        variables.get("TCPREMOTEHOST"),
+                                        self.options.rules_optional)
+            except OSError as exc:  # as ucspi-tcp: no rules, no service
+                self.log("unable to read %s: %s" % (self.options.rules, exc),
+                         logging.WARNING)
+                granted = None
+            if granted is None:
+                self.say("pid %d from %s" % (number, peer[0]))
+                self.say("deny %d %s %s" % (number, local_field, remote_field))
+                return None
+            variables.update(granted)
+        self._prepare(connection)
+        return variables, "%s %s" % (local_field, remote_field)
+
+    def started(self, number: int, peer: _Address, fields: str) -> None:
+        """Log a PROGRAM's (or a thunk's) start, under its number."""
+        self.say("pid %d from %s" % (number, peer[0]))
+        self.say("ok %d %s" % (number, fields))
+
+    def _prepare(self, connection: socket.socket) -> None:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                              self.options.nodelay)
+        if not self.options.ip_options and connection.family == socket.AF_INET:
+            try:
+                connection.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, b"")
+            except OSError:
+                pass  # not every system lets them be cleared
+        if self.options.banner:
+            connection.sendall(self.options.banner.encode())
+
+    def spawned(self, child: Any) -> None:
+        """Remember a running PROGRAM, so server_close() can kill it."""
+        with self._log_lock:
+            self._children.add(child)
+
+    def reaped(self, child: Any) -> None:
+        with self._log_lock:
+            self._children.discard(child)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        """Close our copy only: PROGRAM (and its children) may hold the
+        connection longer, and it ends when the last copy closes."""
+        if self.options.program and self.ssl_context is None:
+            self.close_request(request)
+        else:
+            super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Drain as ThreadingTCPServer does, but kill the PROGRAMs still
+        running after drain_timeout: a closed connection may not end them."""
+        killer = None
+        if self.drain_timeout is not None:
+            killer = threading.Timer(self.drain_timeout, self.kill_children)
+            killer.start()
+        try:
+            super().server_close()
+        finally:
+            if killer is not None:
+                killer.cancel()
+                killer.join()
+            self.kill_children()
+
+    def kill_children(self) -> None:
+        """Kill every PROGRAM still running, once each, and reap it."""
+        with self._log_lock:
+            children = list(self._children)
+            self._children.clear()
+        for child in children:
+            self.log("killing %s (pid %d): still running after the drain"
+                     % (child.args[0], child.pid), logging.WARNING)
+            try:
+                child.kill()
+            except ProcessLookupError:
+                pass  # it ended and was reaped meanwhile
+        for child in children:
+            child.wait()
+
+
+class _ProgramHandler(socketserver.BaseRequestHandler):
+    """Runs the command line's PROGRAM for one connection."""
+
+    def handle(self) -> None:
+        server = self.server
+        self.number = server.begin()  # the PROGRAM's pid, once it runs
+        self.status = _EXIT_USAGE << 8  # what ucspi-tcp's denying child exits with
+        try:
+            admitted = server.admit(self.request, _bound.local_address,
+                                    self.client_address, self.number)
+            if admitted is not None:
+                self._run(*admitted)
+        finally:
+            server.end(self.number, self.status)
+
+    def _run(self, variables: Dict[str, str], fields: str) -> None:
+        """Run PROGRAM on the connection; note its pid and raw wait status."""
+        server = self.server
+        environment = dict(os.environ)
+        for name in ("TCPLOCALHOST", "TCPREMOTEHOST", "TCPREMOTEINFO"):
+            environment.pop(name, None)  # not inherited from our own caller
+        environment.update(variables)
+        piped = server.ssl_context is not None or server.idle_timeout is not None
+        if piped:
+            stream = subprocess.PIPE  # type: Any
+        else:
+            self.request.setblocking(True)  # the child shares the flags
+            stream = self.request.fileno()
+        self.status = _EXIT_TEMPORARY << 8  # as ucspi-tcp's child that cannot exec
+        child = subprocess.Popen(server.options.program, stdin=stream,
+                                 stdout=stream, env=environment)
+        server.spawned(child)
+        self.number = child.pid
+        try:
+            server.started(child.pid, self.client_address, fields)
+            if piped:
+                try:
+                    _pump(self.request, child, server.idle_timeout)
+                finally:
+                    child.stdin.close()  # on a timeout too: EOF for the child
+                    child.stdout.close()
+        finally:
+            code = child.wait()
+            server.reaped(child)
+            # The raw wait status, as ucspi-tcp logs it: exit code << 8, or
+            # the signal that killed it.
+            self.status = code << 8 if code >= 0 else -code
+
+
+def _pump(connection: socket.socket, child: Any,
+          timeout: Optional[float]) -> None:
+    """Copy between connection and child's pipes until its output ends.
+
+    One thread, non-blocking, so a TLS connection is never used by two
+    threads at once.  Raises IdleTimeout after timeout seconds in which
+    nothing moved either way.
+    """
+    import ssl  # for its exceptions; only the command line pumps
+    would_block = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+    connection.setblocking(False)
+    to_child, to_client = bytearray(), bytearray()
+    child_in, child_out = child.stdin, child.stdout
+    os.set_blocking(child_in.fileno(), False)
+    os.set_blocking(child_out.fileno(), False)
+    client_open = True
+    with selectors.DefaultSelector() as selector:
+        while child_out is not None or to_client:
+            _watch(selector, connection, client_open and not to_child,
+                   bool(to_client))
+            _watch(selector, child_in, bool(to_child), False)
+            _watch(selector, child_out, not to_client, False)
+            pending = getattr(connection, "pending", lambda: 0)()
+            if not pending and not selector.select(timeout):
+                raise IdleTimeout("nothing moved for %s seconds" % timeout)
+            if client_open and not to_child:
+                data = _receive(connection, would_block)
+                if data is not None:
+                    to_child += data
+                    client_open = bool(data)
+            if to_child and child_in is not None:
+                try:
+                    del to_child[:os.write(child_in.fileno(), to_child)]
+                except BlockingIOError:
+                    pass
+                except BrokenPipeError:
+                    to_child.clear()
+                    client_open = False
+            if not client_open and not to_child and child_in is not None:
+                _watch(selector, child_in, False, False)
+                child_in.close()
+                child_in = None
+            if not to_client and child_out is not None:
+                try:
+                    data = os.read(child_out.fileno(), 65536)
+                except BlockingIOError:
+                    data = None
+                if data == b"":
+                    _watch(selector, child_out, False, False)
+                    child_out.close()
+                    child_out = None
+                elif data:
+                    to_client += data
+            if to_client:
+                try:
+                    del to_client[:connection.send(to_client)]
+                except would_block:
+                    pass
+    if child_in is not None:
+        child_in.close()
+
+
+def _receive(connection: socket.socket,
+             would_block: Tuple[type, ...]) -> Optional[bytes]:
+    """Return what the client sent (b"" at its end), or None if nothing yet."""
+    try:
+        return connection.recv(65536)
+    except would_block:
+        return None
+    except ConnectionResetError:
+        return b""
+
+
+def _watch(selector: Any, stream: Any, read: bool, write: bool) -> None:
+    """Make selector watch stream for reading and/or writing, or not at all."""
+    if stream is None:
+        return
+    events = (selectors.EVENT_READ if read else 0) | (
+        selectors.EVENT_WRITE if write else 0)
+    try:
+        key = selector.get_key(stream)
+    except KeyError:
+        key = None
+    if key is None and events:
+        selector.register(stream, events)
+    elif key is not None and not events:
+        selector.unregister(stream)
+    elif key is not None and key.events != events:
+        selector.modify(stream, events)
+
+
+class _CallHandler(ThunkHandler):
+    """Runs the command line's --call thunk for one connection."""
+
+    def handle(self) -> None:
+        server = self.server
+        number = server.begin()
+        status = _EXIT_USAGE << 8  # as for a denied PROGRAM
+        try:
+            admitted = server.admit(self.connection, self.local_address,
+                                    self.client_address, number)
+            if admitted is not None:
+                server.started(number, self.client_address, admitted[1])
+                status = 1 << 8  # as a PROGRAM that exits 1, if it raises
+                super().handle()
+                status = 0
+        finally:
+            server.end(number, status)
+
+
+def _command_target(options: _Options) -> Tuple[Any, Optional[_Thunk]]:
+    """Return the handler class and thunk that serve what the command names."""
+    if not options.call:
+        if shutil.which(options.program[0]) is None:
+            raise _UsageError("PROGRAM %r is not an executable file, here or "
+                              "on $PATH" % options.program[0])
+        return _ProgramHandler, None
+    module_name, _, function_name = options.call.partition(":")
+    if not module_name or not function_name:
+        raise _UsageError("--call needs MODULE:FUNCTION, not %r" % options.call)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _UsageError("--call: cannot import %s: %s"
+                          % (module_name, exc)) from None
+    thunk = getattr(module, function_name, None)
+    if not callable(thunk):
+        raise _UsageError("--call: %s has no function %s"
+                          % (module_name, function_name))
+    return _CallHandler, thunk
+
+
+def _tls_context(options: _Options) -> Any:
+    """Return the ssl.SSLContext the TLS options ask for, or None."""
+    if not options.tls_cert:
+        return None
+    import ssl
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(options.tls_cert, options.tls_key)
+        if options.tls_ca:
+            context.load_verify_locations(options.tls_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise _UsageError("cannot load the TLS files: %s" % (exc,)) from None
+    return context
+
+
+def _drop_privileges(options: _Options) -> None:
+    """Become -g GID and -u UID (after binding, as ucspi-tcp does)."""
+    if options.gid is not None:
+        os.setgroups([options.gid])
+        os.setgid(options.gid)
+    if options.uid is not None:
+        os.setuid(options.uid)
+
+
+def _serve_until_signalled(server: _CommandServer,
+                           ready: Callable[[], None]) -> None:
+    """Call ready(), then serve until SIGTERM or SIGINT, then drain; a second
+    signal cuts the drain short: connections are reset and PROGRAMs killed."""
+
+    def first(signum: int, frame: Any) -> None:
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, second)
+        # shutdown() waits for serve_forever(), so not from its thread.
+        threading.Thread(target=server.shutdown, name="signal").start()
+
+    def second(signum: int, frame: Any) -> None:
+        raise _Stop()
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, first)
+    try:
+        ready()
+        server.serve_forever()
+        server.server_close()
+    except _Stop:
+        server.drain_timeout = 0
+        server.server_close()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``python -m tcpserver`` with argv (default sys.argv[1:]).
+
+    Returns the exit code: 0 after a signal stopped it, _EXIT_USAGE for a
+    bad command line, _EXIT_TEMPORARY when it cannot listen or drop
+    privileges.
+    """
+    try:
+        options = _parse_command_line(sys.argv[1:] if argv is None else argv)
+        if options.help:
+            print(_HELP)
+            return 0
+        handler, thunk = _command_target(options)
+        context = _tls_context(options)
+        if options.timeout is not None:
+            import ssl  # noqa: F401  # for _pump(), while the files are ours to read
+    except _UsageError as exc:
+        sys.stderr.write("tcpserver: usage error: %s (see --help)\n" % exc)
+        return _EXIT_USAGE
+    try:
+        listener = tcp_listen(options.port, options.backlog, options.host)
+    except OSError as exc:
+        sys.stderr.write("tcpserver: fatal: unable to listen on %s port %d: %s\n"
+                         % (options.host or "::", options.port, exc))
+        return _EXIT_TEMPORARY
+    server = _CommandServer.from_listener(
+        listener, handler, options=options, thunk=thunk,
+        max_requests=options.limit, max_per_client=options.per_client,
+        timeout=options.timeout, drain_timeout=options.drain,
+        ssl_context=context)
+    try:
+        _drop_privileges(options)
+    except OSError as exc:
+        server.server_close()
+        sys.stderr.write("tcpserver: fatal: unable to drop privileges: %s\n"
+                         % (exc,))
+        return _EXIT_TEMPORARY
+
+    def ready() -> None:
+        if options.print_port:
+            print(listener.getsockname()[1], flush=True)
+        server.say("status: 0/%d" % options.limit)
+
+    _serve_until_signalled(server, ready)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the importable module's main(), not this __main__ copy's: a --call
+    # thunk that imports tcpserver must share its per-thread streams.
+    import tcpserver
+    sys.exit(tcpserver.main())

@@ -2265,5 +2265,345 @@ class TestModule(unittest.TestCase):
         self.assertRegex(tcpserver.__version__, r"^\d+\.\d+\.\d+$")
 
 
+
+# ---------------------------------------------------------------------------
+# The command line: python -m tcpserver
+# ---------------------------------------------------------------------------
+
+UCSPI = "/usr/bin/tcpserver"  # ucspi-tcp's, from the Debian package
+
+
+class CommandLine:
+    """A tcpserver command (ours, or ucspi-tcp's) run with -1 on port 0."""
+
+    def __init__(self, test, args, command=None, env=None):
+        self.command = command or [sys.executable, "-m", "tcpserver"]
+        environment = dict(os.environ, PYTHONPATH=HERE)
+        environment.update(env or {})
+        self.process = subprocess.Popen(self.command + args, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=environment, cwd=HERE)
+        self.lines = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self.read_stderr, name="stderr")
+        self.reader.start()
+        test.addCleanup(self.close)
+        line = self.process.stdout.readline()
+        if not line.strip().isdigit():
+            self.close()
+            raise AssertionError("no port from %s: %r %r" % (args, line, self.stderr))
+        self.port = int(line)
+
+    def read_stderr(self):
+        for line in self.process.stderr:
+            with self.changed:
+                self.lines.append(line.decode())
+                self.changed.notify_all()
+
+    @property
+    def stderr(self):
+        with self.changed:
+            return "".join(self.lines)
+
+    def wait_for(self, pattern):
+        """Wait until stderr so far matches pattern; return the match."""
+        with self.changed:
+            found = self.changed.wait_for(
+                lambda: re.search(pattern, "".join(self.lines)), TIMEOUT)
+        if not found:
+            raise AssertionError("no line matches %r in %r" % (pattern, self.stderr))
+        return found
+
+    def connect(self):
+        return socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+
+    def talk(self, data=b""):
+        """Send data, end our side, return what came back."""
+        with self.connect() as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            return read_all(sock)
+
+    def stop(self, signum=signal.SIGTERM):
+        """Signal the command, return (exit code, everything it wrote on stderr)."""
+        self.process.send_signal(signum)
+        code = self.process.wait(TIMEOUT)
+        self.reader.join(TIMEOUT)
+        return code, self.stderr
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(TIMEOUT)
+        self.reader.join(TIMEOUT)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+def run_command(*args, **kwargs):
+    """Run python -m tcpserver to its end; return the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "tcpserver"] + list(args), cwd=HERE,
+                          capture_output=True, timeout=TIMEOUT, **kwargs)
+
+
+def pid_gone(pid):
+    """True if no process pid exists (it was reaped), waiting up to TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def normalise_log(text):
+    """ucspi-tcp -v lines with the numbers that change from run to run made X."""
+    text = re.sub(r"\b(pid|ok|end|deny) \d+", r"\1 X", text)
+    return re.sub(r":\d{4,5}\b", ":X", text)
+
+
+class TestCommandLine(unittest.TestCase):
+
+    def test_cat_talks_to_the_client_and_sigterm_exits_0(self):
+        server = CommandLine(self, ["-1", "127.0.0.1", "0", "cat"])
+        self.assertEqual(server.talk(b"hello\nworld\n"), b"hello\nworld\n")
+        self.assertEqual(server.stop(), (0, ""))
+
+    def test_environment(self):
+        server = CommandLine(self, ["-1", "-HRl0", "127.0.0.1", "0", "env"],
+                             env={"TCPREMOTEHOST": "inherited", "KEEP": "me"})
+        with server.connect() as sock:
+            client_port = sock.getsockname()[1]
+            sock.shutdown(socket.SHUT_WR)
+            lines = read_all(sock).decode().splitlines()
+        variables = dict(line.split("=", 1) for line in lines if "=" in line)
+        tcp = {name: value for name, value in variables.items()
+               if name.startswith("TCP") or name == "PROTO"}
+        self.assertEqual(tcp, {"PROTO": "TCP", "TCPLOCALIP": "127.0.0.1",
+                               "TCPLOCALPORT": str(server.port), "TCPLOCALHOST": "0",
+                               "TCPREMOTEIP": "127.0.0.1", "TCPREMOTEPORT": str(client_port)})
+        self.assertEqual(variables["KEEP"], "me")
+        self.assertEqual(server.stop()[0], 0)
+
+    def test_remote_host_lookup(self):
+        name = socket.gethostbyaddr("127.0.0.1")[0]
+        server = CommandLine(self, ["-1", "-h", "-p", "-l", "here", "127.0.0.1", "0",
+                                    "sh", "-c", "echo $TCPREMOTEHOST $TCPLOCALHOST"])
+        self.assertEqual(server.talk(), ("%s here\n" % name).encode())
+        self.assertEqual(server.stop()[0], 0)
+
+    def test_verbose_lines_and_the_raw_wait_status(self):
+        server = CommandLine(self, ["-v1HRl0", "-c", "3", "127.0.0.1", "0",
+                                    "sh", "-c", "echo $$; exit 3"])
+        with server.connect() as sock:
+            client_port = sock.getsockname()[1]
+            pid = int(read_all(sock))
+        code, log = server.stop()
+        self.assertEqual(code, 0)
+        self.assertEqual(log, "tcpserver: status: 0/3\n"
+                              "tcpserver: status: 1/3\n"
+                              "tcpserver: pid %d from 127.0.0.1\n"
+                              "tcpserver: ok %d 0:127.0.0.1:%d :127.0.0.1::%d\n"
+                              "tcpserver: end %d status 768\n"
+                              "tcpserver: status: 0/3\n"
+                              % (pid, pid, server.port, client_port, pid))
+        self.assertTrue(pid_gone(pid))  # reaped: no zombie left
+
+    @unittest.skipUnless(os.access(UCSPI, os.X_OK), "ucspi-tcp is not installed "
+                         "(apt-get install ucspi-tcp)")
+    def test_same_as_ucspi_tcp(self):
+        for program in (["cat"], ["env"], ["date", "+%Y"], ["sh", "-c", "exit 3"]):
+            results = []
+            for command in ([UCSPI], None):
+                server = CommandLine(self, ["-v", "-1", "-HRl0", "-B", "hi\n", "127.0.0.1",
+                                            "0"] + program, command=command, env={"X": "1"})
+                reply = server.talk(b"a line\n" if program == ["cat"] else b"").decode()
+                # ucspi-tcp may see SIGTERM before its child's end otherwise
+                server.wait_for(r"end \d+ status \d+\ntcpserver: status: 0/40\n")
+                reply = "".join(sorted(line + "\n" for line in reply.splitlines()
+                                       if not line.startswith(("_=", "SHLVL=", "PWD="))))
+                code, log = server.stop()
+                results.append((re.sub(r"=\d{4,5}\n", "=X\n", reply), code, normalise_log(log)))
+            with self.subTest(program=program):
+                self.assertEqual(results[1], results[0])
+
+    @unittest.skipUnless(shutil.which("tcprules"), "tcprules is not installed "
+                         "(apt-get install ucspi-tcp)")
+    def test_tcprules_allow_deny_and_environment(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        rules = os.path.join(directory, "rules.cdb")
+
+        def compile_rules(text):
+            subprocess.run(["tcprules", rules, rules + ".tmp"], input=text.encode(),
+                           check=True, timeout=TIMEOUT)
+
+        compile_rules("127.0.0.1:allow,GREETING=\"hello there\"\n:deny\n")
+        server = CommandLine(self, ["-v1HRl0", "-x", rules, "127.0.0.1", "0",
+                                    "sh", "-c", "echo $GREETING$A"])
+        self.assertEqual(server.talk(), b"hello there\n")
+        compile_rules("127.0.0.2:allow\n127.0.:deny\n:allow\n")  # read again per connection
+        self.assertEqual(server.talk(), b"")
+        compile_rules("10.:deny\n127.:allow,A=/b/\n")
+        self.assertEqual(server.talk(), b"b\n")
+        os.remove(rules)
+        self.assertEqual(server.talk(), b"")  # no rules file: no service
+        code, log = server.stop()
+        self.assertEqual(code, 0)
+        self.assertEqual(len(re.findall(r"^tcpserver: deny \d+ 0:127\.0\.0\.1:\d+ "
+                                        r":127\.0\.0\.1::\d+$", log, re.M)), 2)
+        self.assertIn("end", log)
+        self.assertRegex(log, r"warning: unable to read .*rules\.cdb")
+
+    def test_missing_rules_allowed_with_capital_x(self):
+        server = CommandLine(self, ["-1", "-X", "-x", "/nonexistent/rules.cdb",
+                                    "127.0.0.1", "0", "echo", "served"])
+        self.assertEqual(server.talk(), b"served\n")
+        self.assertEqual(server.stop(), (0, ""))
+
+    def test_concurrency_limit_and_banner(self):
+        server = CommandLine(self, ["-1", "-c", "1", "-B", "welcome\n", "127.0.0.1", "0",
+                                    "sh", "-c", "read line; echo got $line"])
+        first = server.connect()
+        self.addCleanup(first.close)
+        self.assertEqual(read_exactly(first, 8), b"welcome\n")
+        with server.connect() as second:
+            second.settimeout(0.3)
+            with self.assertRaises(socket.timeout):  # waits: the one slot is busy
+                second.recv(1)
+            first.sendall(b"one\n")
+            self.assertEqual(read_all(first), b"got one\n")
+            second.settimeout(TIMEOUT)
+            second.sendall(b"two\n")
+            self.assertEqual(read_all(second), b"welcome\ngot two\n")
+        self.assertEqual(server.stop()[0], 0)
+
+    def test_call_a_thunk(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "greeter.py"), "w") as module:
+            module.write("import socket, tcpserver\n"
+                         "def greet():\n"
+                         "    connection = tcpserver.current_connection().connection\n"
+                         "    nodelay = connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)\n"
+                         "    print('hello', input(), bool(nodelay))\n")
+        for option, nodelay in (("-D", b"True"), ("-d", b"False")):
+            server = CommandLine(self, ["-1", option, "127.0.0.1", "0", "--call", "greeter:greet"],
+                                 env={"PYTHONPATH": os.pathsep.join([directory, HERE])})
+            self.assertEqual(server.talk(b"you\n"), b"hello you " + nodelay + b"\n")
+            self.assertEqual(server.stop(), (0, ""))
+
+    def test_drain_then_exit_0(self):
+        server = CommandLine(self, ["-1", "-B", "ready\n", "127.0.0.1", "0",
+                                    "sh", "-c", "read line; echo $line"])
+        with server.connect() as sock:
+            self.assertEqual(read_exactly(sock, 6), b"ready\n")  # it runs
+            server.process.send_signal(signal.SIGTERM)
+            sock.sendall(b"still served\n")
+            self.assertEqual(read_all(sock), b"still served\n")
+        self.assertEqual(server.process.wait(TIMEOUT), 0)
+        with self.assertRaises(ConnectionRefusedError):
+            server.connect()
+
+    def test_a_program_that_outlives_the_drain_is_killed(self):
+        server = CommandLine(self, ["-v1", "--drain", "0.2", "127.0.0.1", "0",
+                                    "sh", "-c", "echo $$; exec sleep 60"])
+        with server.connect() as sock:
+            pid = int(sock.makefile().readline())
+            began = time.monotonic()
+            code, log = server.stop()
+        self.assertEqual(code, 0)
+        self.assertLess(time.monotonic() - began, 5)
+        self.assertTrue(pid_gone(pid))
+        self.assertIn("warning: killing sh (pid %d)" % pid, log)
+        self.assertIn("end %d status 9\n" % pid, log)
+
+    def test_a_second_signal_stops_at_once(self):
+        server = CommandLine(self, ["-1", "--drain", "60", "127.0.0.1", "0",
+                                    "sh", "-c", "echo $$; exec sleep 60"])
+        with server.connect() as sock:
+            pid = int(sock.makefile().readline())
+            began = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            server.process.send_signal(signal.SIGINT)
+            self.assertEqual(server.process.wait(TIMEOUT), 0)
+        self.assertLess(time.monotonic() - began, 5)
+        self.assertTrue(pid_gone(pid))
+
+    def test_idle_timeout(self):
+        server = CommandLine(self, ["-1", "--timeout", "0.3", "127.0.0.1", "0", "cat"])
+        with server.connect() as sock:
+            sock.sendall(b"echoed\n")
+            self.assertEqual(sock.makefile("rb").readline(), b"echoed\n")
+            began = time.monotonic()
+            with self.assertRaises(ConnectionResetError):
+                read_all(sock)  # we stay silent: the server gives up
+            self.assertLess(time.monotonic() - began, 5)
+        self.assertEqual(server.stop()[0], 0)
+
+    def test_per_client_limit(self):
+        server = CommandLine(self, ["-1", "--per-client", "1", "-B", "hi\n", "127.0.0.1", "0",
+                                    "sh", "-c", "read line; echo $line"])
+        with server.connect() as first:
+            self.assertEqual(read_exactly(first, 3), b"hi\n")  # it runs
+            self.assertEqual(server.talk(), b"")  # refused: closed at once
+            first.sendall(b"first\n")
+            self.assertEqual(read_all(first), b"first\n")
+        self.assertEqual(server.stop()[0], 0)
+
+    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+    def test_tls_program(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        cert, key = make_certificate(directory)
+        server = CommandLine(self, ["-1", "--tls-cert", cert, "--tls-key", key,
+                                    "127.0.0.1", "0", "cat"])
+        context = ssl.create_default_context(cafile=cert)
+        with context.wrap_socket(server.connect(), server_hostname="localhost") as sock:
+            payload = os.urandom(300000)
+            sock.sendall(payload)
+            received = bytearray()
+            while len(received) < len(payload):
+                received += sock.recv(65536)
+            self.assertEqual(bytes(received), payload)
+        self.assertEqual(server.stop()[0], 0)
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to drop privileges")
+    def test_drop_privileges(self):
+        server = CommandLine(self, ["-1", "-u", "65534", "-g", "65534", "127.0.0.1", "0",
+                                    "sh", "-c", "id -u; id -g"])
+        self.assertEqual(server.talk(), b"65534\n65534\n")
+        self.assertEqual(server.stop()[0], 0)
+
+    def test_usage_errors_exit_100_with_one_line(self):
+        for args in (["-c", "0", "127.0.0.1", "0", "cat"], ["-z", "127.0.0.1", "0", "cat"],
+                     ["127.0.0.1"], ["127.0.0.1", "0"], ["127.0.0.1", "no-such-port", "cat"],
+                     ["127.0.0.1", "0", "--call", "nocolon"],
+                     ["127.0.0.1", "0", "--call", "no_such_module:f"],
+                     ["127.0.0.1", "0", "no-such-program-here"],
+                     ["--tls-cert", "c.pem", "127.0.0.1", "0", "cat"],
+                     ["--timeout", "soon", "127.0.0.1", "0", "cat"]):
+            with self.subTest(args=args):
+                result = run_command(*args)
+                self.assertEqual(result.returncode, 100)
+                self.assertRegex(result.stderr.decode(), r"^tcpserver: usage error: [^\n]+\n$")
+
+    def test_address_in_use_exits_111(self):
+        with tcpserver.tcp_listen(0, host="127.0.0.1") as taken:
+            result = run_command("127.0.0.1", str(taken.getsockname()[1]), "cat")
+        self.assertEqual(result.returncode, 111)
+        self.assertRegex(result.stderr.decode(), r"^tcpserver: fatal: unable to listen on "
+                                                 r"127\.0\.0\.1 port \d+: .*in use.*\n$")
+
+    def test_help(self):
+        result = run_command("--help")
+        self.assertEqual(result.returncode, 0)
+        text = result.stdout.decode()
+        self.assertIn("usage: python -m tcpserver", text)
+        for option in ("-c N", "-x FILE", "--call", "--per-client", "--tls-cert", "Exit codes"):
+            self.assertIn(option, text)
+
+
 if __name__ == "__main__":
     unittest.main()
