@@ -1691,8 +1691,6 @@ class _CommandServer(ThreadingTCPServer):
     the connection's serial number instead.
     """
 
-    options = _Options()
-
     def __init__(self, *args: Any, options: _Options, **kwargs: Any) -> None:
         self.options = options
         self._log_lock = threading.Lock()  # keeps the counts and lines in step
@@ -1733,10 +1731,10 @@ class _CommandServer(ThreadingTCPServer):
             self.say("end %d status %d" % (number, status))
             self.say("status: %d/%d" % (self._running, self.options.limit))
 
-    def environment(self, connection: socket.socket, local: _Address,
+    def environment(self, local: _Address,
                     peer: _Address) -> Tuple[Dict[str, str], str, str]:
-        """Return a connection's TCP* variables (plus what the rules set)
-        and the local and remote fields of its log lines."""
+        """Return a connection's TCP* variables and the local and remote
+        fields of its log lines."""
         options = self.options
         local_host = options.local_host
         if local_host is None:
@@ -1760,8 +1758,7 @@ class _CommandServer(ThreadingTCPServer):
         """Decide on a connection: its environment and the fields of its
         "ok" line, or None if the rules deny it (logged).  Sets its socket
         options and sends the banner."""
-        variables, local_field, remote_field = self.environment(
-            connection, local, peer)
+        variables, local_field, remote_field = self.environment(local, peer)
         if self.options.rules:
             try:
                 granted = _follow_rules(self.options.rules, str(peer[0]),
