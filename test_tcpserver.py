@@ -2571,9 +2571,56 @@ class TestCommandLine(unittest.TestCase):
 
     @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to drop privileges")
     def test_drop_privileges(self):
-        server = CommandLine(self, ["-1", "-u", "65534", "-g", "65534", "127.0.0.1", "0",
-                                    "sh", "-c", "id -u; id -g"])
-        self.assertEqual(server.talk(), b"65534\n65534\n")
+        for options, env in ((["-u", "65534", "-g", "65533"], {}),
+                             (["-U"], {"UID": "65534", "GID": "65533"})):
+            server = CommandLine(self, ["-1"] + options + ["127.0.0.1", "0",
+                                                           "sh", "-c", "id -u; id -g; id -G"],
+                                 env=env)
+            self.assertEqual(server.talk(), b"65534\n65533\n65533\n")
+            self.assertEqual(server.stop()[0], 0)
+
+    def test_options_scripts_pass_are_accepted(self):
+        server = CommandLine(self, ["-1", "-P", "-o", "-O", "-r", "-R", "-t", "5", "-Q",
+                                    "-b", "7", "127.0.0.1", "0",
+                                    "sh", "-c", "echo to the server >&2; cat"])
+        self.assertEqual(server.talk(b"x\n"), b"x\n")
+        if shutil.which("ss"):  # a listening socket's Send-Q is its backlog
+            listing = subprocess.run(["ss", "-ltnH", "sport = :%d" % server.port],
+                                     capture_output=True, timeout=TIMEOUT).stdout.decode()
+            self.assertEqual(listing.split()[2], "7")
+        self.assertEqual(server.stop(), (0, "to the server\n"))  # PROGRAM's stderr is ours
+
+    def test_quiet(self):
+        server = CommandLine(self, ["-1q", "-x", "/nonexistent/rules.cdb", "127.0.0.1", "0", "cat"])
+        self.assertEqual(server.talk(), b"")  # denied: no rules file, and no -X
+        self.assertEqual(server.stop(), (0, ""))
+
+    def test_all_interfaces(self):
+        hosts = [("0", ["127.0.0.1"])]
+        if socket.has_ipv6:
+            hosts.append(("::", ["127.0.0.1", "::1"]))
+        for host, addresses in hosts:
+            server = CommandLine(self, ["-1", host, "0", "sh", "-c", "echo $TCPLOCALIP"])
+            for address in addresses:
+                with socket.create_connection((address, server.port), timeout=TIMEOUT) as sock:
+                    self.assertEqual(read_all(sock), address.encode() + b"\n")
+            self.assertEqual(server.stop()[0], 0)
+
+    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+    def test_tls_client_certificates(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        cert, key = make_certificate(directory)
+        client_cert, client_key = make_client_certificate(directory)
+        server = CommandLine(self, ["-1", "--tls-cert", cert, "--tls-key", key,
+                                    "--tls-ca", client_cert, "127.0.0.1", "0", "echo", "in"])
+        context = ssl.create_default_context(cafile=cert)
+        with self.assertRaises(OSError):  # no client certificate: refused
+            with context.wrap_socket(server.connect(), server_hostname="localhost") as sock:
+                read_all(sock)
+        context.load_cert_chain(client_cert, client_key)
+        with context.wrap_socket(server.connect(), server_hostname="localhost") as sock:
+            self.assertEqual(read_all(sock), b"in\n")
         self.assertEqual(server.stop()[0], 0)
 
     def test_usage_errors_exit_100_with_one_line(self):
