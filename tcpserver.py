@@ -47,11 +47,13 @@ __all__ = [
     "DEFAULT_PREFIX",
     "IdleTimeout",
     "LineTooLong",
+    "ProxyHeaderError",
     "ThreadingTCPServer",
     "ThunkHandler",
     "current_connection",
     "main",
     "make_tcp_server",
+    "read_proxy_header",
     "tcp_abandon",
     "tcp_accept",
     "tcp_addresses",
@@ -61,6 +63,7 @@ __all__ = [
 import errno
 import importlib
 import io
+import ipaddress
 import logging
 import os
 import selectors
@@ -152,6 +155,20 @@ def _check_seconds(name: str, value: object, zero_ok: bool = False) -> None:
         raise ValueError("%s must be %s, not %r" % (name, expected, value))
 
 
+def _networks(name: str, value: Any) -> List[Any]:
+    """Return value, a sequence of networks ("10.0.0.0/8", ...), parsed.
+
+    Raises TypeError or ValueError naming the setting if it is not one.
+    """
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError("%s must be a sequence of networks such as "
+                        "['10.0.0.0/8'], not %r" % (name, value))
+    try:
+        return [ipaddress.ip_network(network) for network in value]
+    except ValueError as exc:
+        raise ValueError("%s: %s" % (name, exc)) from None
+
+
 # ---------------------------------------------------------------------------
 # Exceptions a thunk may meet on its streams: both are the client's doing.
 # ---------------------------------------------------------------------------
@@ -173,6 +190,15 @@ class LineTooLong(ValueError):
     once max_line characters arrived without a line end; the characters
     read so far are dropped, and reading goes on after them.  Uncaught, it
     ends the request with one diagnostic line and a reset.
+    """
+
+
+class ProxyHeaderError(OSError):
+    """A PROXY protocol header was missing, malformed, truncated or too long.
+
+    Raised by the get_addresses hook of a server with proxy_protocol on,
+    before the handler runs: the server closes that one connection with
+    one diagnostic line ("setup failed") and serves on.
     """
 
 
@@ -257,6 +283,116 @@ def tcp_abandon(conn: socket.socket) -> None:
     """
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                     struct.pack("ii", 1, 0))
+
+
+# ---------------------------------------------------------------------------
+# The PROXY protocol (HAProxy's, versions 1 and 2): a load balancer in front
+# sends the real client's addresses in a header before the client's bytes.
+# ---------------------------------------------------------------------------
+
+_PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+_PROXY_V1_MAX = 107   # bytes of the longest version 1 line, CRLF included
+_PROXY_V2_MAX = 1024  # bytes of addresses and TLVs we accept after the 16
+
+
+def read_proxy_header(conn: socket.socket
+                      ) -> Optional[Tuple[_Address, _Address]]:
+    """Read a PROXY protocol header (version 1 or 2) from conn.
+
+    Returns the (local, peer) addresses it carries, the balancer's view of
+    the client's connection, or None for a header that carries none
+    (version 2 LOCAL, as health checks send, or version 1 UNKNOWN): the
+    connection's own addresses stand then.  Reads exactly the header, so
+    what follows (a TLS handshake, the client's data) stays unread.
+    Raises ProxyHeaderError for a missing, malformed, truncated or
+    oversized header, and socket.timeout if conn's timeout runs out.
+    """
+    start = _read_exactly(conn, 12)
+    if start == _PROXY_V2_SIGNATURE:
+        head = _read_exactly(conn, 4)
+        length = struct.unpack("!H", head[2:])[0]
+        if length > _PROXY_V2_MAX:
+            raise ProxyHeaderError("PROXY v2 header of %d bytes: too long"
+                                   % length)
+        return _parse_proxy_v2(head, _read_exactly(conn, length))
+    if not start.startswith(b"PROXY "):
+        raise ProxyHeaderError("no PROXY protocol header: the connection "
+                               "began with %r" % (start,))
+    line = start
+    while not line.endswith(b"\r\n"):
+        if len(line) >= _PROXY_V1_MAX:
+            raise ProxyHeaderError("PROXY v1 line longer than %d bytes"
+                                   % _PROXY_V1_MAX)
+        line += _read_exactly(conn, 1)
+    return _parse_proxy_v1(line)
+
+
+def _read_exactly(conn: socket.socket, count: int) -> bytes:
+    """Read count bytes from conn (bypassing TLS, if any: it comes after)."""
+    data = b""
+    while len(data) < count:
+        chunk = socket.socket.recv(conn, count - len(data))
+        if not chunk:
+            raise ProxyHeaderError("PROXY protocol header cut short after "
+                                   "%d bytes" % len(data))
+        data += chunk
+    return data
+
+
+def _parse_proxy_v1(line: bytes) -> Optional[Tuple[_Address, _Address]]:
+    """Return the addresses of a version 1 line ("PROXY TCP4 ... \r\n")."""
+    fields = line[:-2].split(b" ")
+    if fields[1:2] == [b"UNKNOWN"]:
+        return None  # the balancer does not know them: ours stand
+    if len(fields) != 6 or fields[1] not in (b"TCP4", b"TCP6"):
+        raise ProxyHeaderError("malformed PROXY v1 line %r" % (line,))
+    version = 4 if fields[1] == b"TCP4" else 6
+    try:
+        source, destination = (_proxy_ip(field, version)
+                               for field in fields[2:4])
+        ports = [_proxy_port(field) for field in fields[4:6]]
+    except ValueError:
+        raise ProxyHeaderError("malformed PROXY v1 line %r" % (line,)) from None
+    return (destination, ports[1]), (source, ports[0])
+
+
+def _proxy_ip(field: bytes, version: int) -> str:
+    """Return field as an IP address of version, or raise ValueError."""
+    text = field.decode("ascii")
+    address = ipaddress.ip_address(text)
+    if address.version != version or (version == 4 and str(address) != text):
+        raise ValueError(field)  # the wrong family, or 4 with leading zeros
+    return str(address)
+
+
+def _proxy_port(field: bytes) -> int:
+    """Return field as a port: decimal, no sign or leading zero, <= 65535."""
+    if not field.isdigit() or (field.startswith(b"0") and field != b"0"):
+        raise ValueError(field)
+    port = int(field)
+    if port > 65535:
+        raise ValueError(field)
+    return port
+
+
+def _parse_proxy_v2(head: bytes, body: bytes
+                    ) -> Optional[Tuple[_Address, _Address]]:
+    """Return the addresses of a version 2 header, after its signature."""
+    version, command = head[0] >> 4, head[0] & 0x0F
+    family = head[1] >> 4
+    if version != 2 or command not in (0, 1):
+        raise ProxyHeaderError("PROXY v2 header with version %d, command %d"
+                               % (version, command))
+    if command == 0 or family not in (1, 2):
+        return None  # LOCAL (a health check), or no IP addresses: ours stand
+    size = 4 if family == 1 else 16
+    if len(body) < 2 * size + 4:
+        raise ProxyHeaderError("PROXY v2 addresses cut short: %d bytes"
+                               % len(body))
+    source = str(ipaddress.ip_address(body[:size]))
+    destination = str(ipaddress.ip_address(body[size:2 * size]))
+    ports = struct.unpack("!HH", body[2 * size:2 * size + 4])
+    return (destination, ports[1]), (source, ports[0])
 
 
 # ---------------------------------------------------------------------------
@@ -707,6 +843,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     - max_spare_threads: request threads kept waiting for the next
       request once theirs ended, 16 (0: a new thread for each request);
     - spare_thread_lifetime: seconds a spare thread waits before it ends;
+    - proxy_protocol: read each connection's real addresses from a PROXY
+      protocol header (HAProxy's, version 1 or 2), False;
+    - trusted_proxies: the networks allowed to send that header, loopback;
     - debug: False, True for the prefix DEFAULT_PREFIX, or a prefix.
     """
 
@@ -721,6 +860,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     handshake_timeout = DEFAULT_HANDSHAKE_TIMEOUT  # type: float
     max_spare_threads = 16
     spare_thread_lifetime = 60.0
+    proxy_protocol = False
+    trusted_proxies = ("127.0.0.0/8", "::1/128")  # type: Any
     debug = False  # type: Union[bool, str]
 
     accept_connection = staticmethod(tcp_accept)
@@ -753,15 +894,19 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._spare = []         # type: List[_Worker]  # waiting for a job
         self._closing = False    # server_close() has begun
         self._tls = False        # the TLS hooks are in place
+        self._proxy = False      # the PROXY protocol hook is in place
         if cls.ssl_context is not None:
             self._serve_tls()
+        if cls.proxy_protocol:
+            self._serve_proxy_protocol()
         return self
 
     def __init__(self, server_address: _Address, RequestHandlerClass: Any,
                  *args: Any, thunk: Any = _UNSET, max_requests: Any = _UNSET,
                  max_per_client: Any = _UNSET, timeout: Any = _UNSET,
                  drain_timeout: Any = _UNSET, max_line: Any = _UNSET,
-                 ssl_context: Any = _UNSET, **kwargs: Any) -> None:
+                 ssl_context: Any = _UNSET, proxy_protocol: Any = _UNSET,
+                 trusted_proxies: Any = _UNSET, **kwargs: Any) -> None:
         """Constructor.  May be extended, do not override.
 
         As socketserver's (server_address, RequestHandlerClass,
@@ -775,7 +920,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         settings = {"thunk": thunk, "max_requests": max_requests,
                     "max_per_client": max_per_client, "idle_timeout": timeout,
                     "drain_timeout": drain_timeout, "max_line": max_line,
-                    "ssl_context": ssl_context}
+                    "ssl_context": ssl_context, "proxy_protocol": proxy_protocol,
+                    "trusted_proxies": trusted_proxies}
         for name, value in settings.items():
             if value is not _UNSET:
                 setattr(self, name, value)
@@ -785,10 +931,15 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                             " is a ThunkHandler, not None")
         if self.ssl_context is not None and not self._tls:
             self._serve_tls()
+        if self.proxy_protocol and not self._proxy:
+            self._serve_proxy_protocol()
         super().__init__(server_address, RequestHandlerClass, *args, **kwargs)
 
     def _check_settings(self) -> None:
-        """Raise TypeError or ValueError for a setting out of its range."""
+        """Raise TypeError or ValueError for a setting out of its range.
+
+        Keeps trusted_proxies parsed, for proxy_get_addresses().
+        """
         if self.thunk is not None and not callable(self.thunk):
             raise TypeError("thunk must be callable, not %s"
                             % type(self.thunk).__name__)
@@ -803,14 +954,56 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 and not hasattr(self.ssl_context, "wrap_socket")):
             raise TypeError("ssl_context must be an ssl.SSLContext or None, "
                             "not %s" % type(self.ssl_context).__name__)
+        self._trusted = _networks("trusted_proxies", self.trusted_proxies)
 
     def _serve_tls(self) -> None:
-        """Put the TLS hooks in front of the TCP hooks, for this instance."""
+        """Put the TLS hooks in front of the TCP hooks, for this instance.
+
+        Behind the PROXY protocol hook, if that is in place: the header
+        comes before the handshake.
+        """
         self._tcp_accept = self.accept_connection
-        self._tcp_addresses = self.get_addresses
         self.accept_connection = self.tls_accept_connection
-        self.get_addresses = self.tls_get_addresses
+        if self._proxy:
+            self._tcp_addresses = self._proxied_addresses
+            self._proxied_addresses = self.tls_get_addresses
+        else:
+            self._tcp_addresses = self.get_addresses
+            self.get_addresses = self.tls_get_addresses
         self._tls = True
+
+    def _serve_proxy_protocol(self) -> None:
+        """Put the PROXY protocol hook in front of the others, for this instance."""
+        self._proxied_addresses = self.get_addresses
+        self.get_addresses = self.proxy_get_addresses
+        self._proxy = True
+
+    def proxy_get_addresses(self, conn: socket.socket
+                            ) -> Tuple[_Address, _Address]:
+        """The get_addresses hook with proxy_protocol on: the client's real addresses.
+
+        Runs in the connection's own thread.  A connection from one of the
+        trusted_proxies must begin with a PROXY protocol header (version 1
+        or 2), read within handshake_timeout seconds; its addresses replace
+        the connection's own, unless it carries none (a LOCAL health
+        check).  ProxyHeaderError or socket.timeout (OSErrors) make the
+        server close that connection with one diagnostic line.  A
+        connection from anywhere else is served as it is: its first bytes
+        are not read as a header, so it cannot claim another address.
+        Then the hooks behind this one run (for TLS: the handshake).
+        """
+        header = None
+        if self._is_trusted(conn.getpeername()):
+            conn.settimeout(self.handshake_timeout)
+            header = read_proxy_header(conn)
+            conn.settimeout(None)
+        local, peer = self._proxied_addresses(conn)
+        return header or (local, peer)
+
+    def _is_trusted(self, peer: _Address) -> bool:
+        """Is peer (the balancer's address) allowed to send a PROXY header?"""
+        address = ipaddress.ip_address(_plain_address(peer)[0].split("%")[0])
+        return any(address in network for network in self._trusted)
 
     def tls_accept_connection(self, listener: socket.socket
                               ) -> Tuple[socket.socket, _Address]:
@@ -1130,8 +1323,10 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             else:
                 self.shutdown_request(request)
             if verbose:
-                self.log("%s finished (%s) in %.3fs."
-                         % (threading.current_thread().name, outcome,
+                # Without a start line, say whom the failed setup was with.
+                who = "" if started else " (with %s)" % (_host(peer),)
+                self.log("%s%s finished (%s) in %.3fs."
+                         % (threading.current_thread().name, who, outcome,
                             time.monotonic() - began))
 
     def _log_start(self, request: socket.socket, peer: _Address) -> None:
@@ -1358,7 +1553,9 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
                     timeout: Optional[float] = None,
                     drain_timeout: Optional[float] = DEFAULT_DRAIN_TIMEOUT,
                     max_line: Optional[int] = DEFAULT_MAX_LINE,
-                    ssl_context: Any = None) -> ThreadingTCPServer:
+                    ssl_context: Any = None, proxy_protocol: bool = False,
+                    trusted_proxies: Any = ThreadingTCPServer.trusted_proxies
+                    ) -> ThreadingTCPServer:
     """Return a server that runs thunk for every connection: the egg's make-tcp-server.
 
     listener is a listening socket (from tcp_listen(),
@@ -1367,7 +1564,8 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
     owns the socket.  At most max_requests thunks run at once (None: no
     limit).  The keyword-only settings are those of ThreadingTCPServer:
     max_per_client, timeout (idle, per connection), drain_timeout,
-    max_line and ssl_context (serve TLS).  Call the server to serve:
+    max_line, ssl_context (serve TLS), proxy_protocol and trusted_proxies
+    (read the client's address from a balancer).  Call the server to serve:
     ``server(debug=False)``; stop it with server.shutdown() from another
     thread and release it with server_close() (or a with block).
 
@@ -1394,7 +1592,8 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
             sock, ThunkHandler, thunk=thunk, max_requests=max_requests,
             max_per_client=max_per_client, timeout=timeout,
             drain_timeout=drain_timeout, max_line=max_line,
-            ssl_context=ssl_context)
+            ssl_context=ssl_context, proxy_protocol=proxy_protocol,
+            trusted_proxies=trusted_proxies)
     except BaseException:
         if sock is not listener:
             sock.close()  # ours: a bad setting must not leak it
@@ -1449,6 +1648,10 @@ options of our own:
                           this long (default 10), then reset them
   --tls-cert FILE, --tls-key FILE   serve TLS (PROGRAM is then fed by pipes)
   --tls-ca FILE           and require client certificates signed by FILE
+  --proxy-protocol        behind HAProxy & co: take the client's address
+                          from a PROXY header (v1 or v2) on each connection
+  --trusted-proxies NETS  who may send that header, comma-separated
+                          (default 127.0.0.0/8,::1/128)
   --help                  this text
 
 PROGRAM's environment adds PROTO=TCP, TCPLOCALIP, TCPLOCALPORT,
@@ -1490,6 +1693,8 @@ class _Options:
     tls_key = None         # type: Optional[str]
     tls_ca = None          # type: Optional[str]
     call = None            # type: Optional[str]
+    proxy_protocol = False
+    trusted_proxies = ThreadingTCPServer.trusted_proxies  # type: Any
     help = False
     host = ""
     port = 0
@@ -1517,7 +1722,8 @@ def _parse_command_line(argv: List[str]) -> _Options:
         pairs, rest = getopt.getopt(
             argv, "c:b:vqQB:1dDhHpPl:rRt:oOx:Xu:g:U",
             ["call=", "per-client=", "timeout=", "drain=", "tls-cert=",
-             "tls-key=", "tls-ca=", "help"])
+             "tls-key=", "tls-ca=", "proxy-protocol", "trusted-proxies=",
+             "help"])
         if len(rest) >= 4 and rest[2] == "--call":  # HOST PORT --call M:F
             pairs.append(("--call", rest[3]))
             extra = rest[4:]
@@ -1555,7 +1761,8 @@ def _apply_option(options: _Options, option: str, value: str) -> None:
              "-h": ("remote_host", True), "-H": ("remote_host", False),
              "-p": ("paranoid", True), "-P": ("paranoid", False),
              "-o": ("ip_options", True), "-O": ("ip_options", False),
-             "-X": ("rules_optional", True), "--help": ("help", True)}
+             "-X": ("rules_optional", True), "--help": ("help", True),
+             "--proxy-protocol": ("proxy_protocol", True)}
     if option in flags:
         setattr(options, *flags[option])
     elif option in ("-r", "-R", "-t"):
@@ -1583,6 +1790,12 @@ def _apply_option(options: _Options, option: str, value: str) -> None:
         options.call = value
     elif option == "--per-client":
         options.per_client = _number(option, value, 1)
+    elif option == "--trusted-proxies":
+        options.trusted_proxies = value.split(",")
+        try:
+            _networks(option, options.trusted_proxies)
+        except ValueError as exc:
+            raise _UsageError(str(exc)) from None
     elif option in ("--timeout", "--drain"):
         setattr(options, option[2:], _number(option, value, 0, float))
     else:  # --tls-cert, --tls-key, --tls-ca
@@ -2100,7 +2313,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         listener, handler, options=options, thunk=thunk,
         max_requests=options.limit, max_per_client=options.per_client,
         timeout=options.timeout, drain_timeout=options.drain,
-        ssl_context=context)
+        ssl_context=context, proxy_protocol=options.proxy_protocol,
+        trusted_proxies=options.trusted_proxies)
     try:
         _drop_privileges(options)
     except OSError as exc:

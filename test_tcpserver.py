@@ -483,7 +483,7 @@ class TestTLSRecipe(ServerTestCase):
             self.assertEqual(read_all(sock), b"served\n")
         self.stop(server)
         self.assertNotIn("Traceback", stderr.getvalue())
-        self.assertRegex(stderr.getvalue(), r"tcpserver-1 finished \(setup failed, SSLError")
+        self.assertRegex(stderr.getvalue(), r"tcpserver-1 \(with 127\.0\.0\.1\) finished \(setup failed, SSLError")
 
     def test_thunk_error_resets_the_tls_connection(self):
         def thunk():
@@ -2267,6 +2267,177 @@ class TestModule(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# The PROXY protocol
+# ---------------------------------------------------------------------------
+
+V2 = b"\r\n\r\n\x00\r\nQUIT\n"  # the version 2 signature
+
+
+def proxy_v2(command=1, family=0x11, addresses=b"", tlvs=b""):
+    """A version 2 header, built field by field as the specification lays it out."""
+    body = addresses + tlvs
+    return V2 + bytes([0x20 | command, family]) + struct.pack("!H", len(body)) + body
+
+
+class TestProxyHeader(unittest.TestCase):
+    """read_proxy_header() on the bytes of the specification's examples."""
+
+    def read(self, data, then=b"rest"):
+        """Feed data + then through a socket pair; return (result, what stayed unread)."""
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.settimeout(TIMEOUT)
+            theirs.sendall(data + then)
+            theirs.shutdown(socket.SHUT_WR)
+            result = tcpserver.read_proxy_header(ours)
+            return result, read_all(ours)
+
+    def test_version_1(self):
+        cases = [
+            (b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n",
+             (("192.168.0.11", 443), ("192.168.0.1", 56324))),
+            (b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff "
+             b"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n",
+             (("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535),
+              ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535))),
+            (b"PROXY TCP6 2001:db8::1 ::1 1 0\r\n", (("::1", 0), ("2001:db8::1", 1))),
+            (b"PROXY UNKNOWN\r\n", None),
+            (b"PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff "
+             b"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n", None),  # 107 bytes
+        ]
+        for header, expected in cases:
+            with self.subTest(header=header):
+                self.assertEqual(self.read(header), (expected, b"rest"))
+
+    def test_version_2(self):
+        ipv4 = socket.inet_aton("192.168.0.1") + socket.inet_aton("192.168.0.11") \
+            + struct.pack("!HH", 56324, 443)
+        ipv6 = socket.inet_pton(socket.AF_INET6, "2001:db8::1") \
+            + socket.inet_pton(socket.AF_INET6, "::1") + struct.pack("!HH", 1, 2)
+        cases = [
+            (proxy_v2(addresses=ipv4), (("192.168.0.11", 443), ("192.168.0.1", 56324))),
+            (proxy_v2(addresses=ipv4, tlvs=b"\x01\x00\x02h2"),  # ALPN TLV: skipped
+             (("192.168.0.11", 443), ("192.168.0.1", 56324))),
+            (proxy_v2(family=0x21, addresses=ipv6), (("::1", 2), ("2001:db8::1", 1))),
+            (proxy_v2(command=0, family=0), None),         # LOCAL: a health check
+            (proxy_v2(command=0, addresses=ipv4), None),   # LOCAL with addresses: ignored
+            (proxy_v2(family=0), None),                    # UNSPEC: ours stand
+        ]
+        for header, expected in cases:
+            with self.subTest(header=header):
+                self.assertEqual(self.read(header), (expected, b"rest"))
+
+    def test_bad_headers(self):
+        ipv4 = bytes(12)
+        cases = [
+            (b"GET / HTTP/1.0\r\n\r\n", "no PROXY protocol header"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2", "cut short"),             # no CRLF, then EOF
+            (b"PROXY TCP4 " + b"1" * 120 + b"\r\n", "longer than 107"),
+            (b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", "malformed"),
+            (b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.04 5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n", "malformed"),
+            (V2 + b"\x31\x11\x00\x0c" + ipv4, "version 3"),
+            (V2 + b"\x22\x11\x00\x0c" + ipv4, "command 2"),
+            (V2 + b"\x21\x11\x00\x04" + ipv4[:4], "cut short"),
+            (V2 + b"\x21\x11\x04\x01", "too long"),
+            (V2 + b"\x21\x11\x00\x0c" + ipv4[:5], "cut short after 5"),
+            (V2[:7], "cut short after 7"),
+        ]
+        for header, message in cases:
+            with self.subTest(header=header):
+                with self.assertRaises(tcpserver.ProxyHeaderError) as caught:
+                    self.read(header, then=b"")
+                self.assertIn(message, str(caught.exception))
+                self.assertIsInstance(caught.exception, OSError)
+
+    def test_a_silent_balancer_times_out(self):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            ours.settimeout(0.2)
+            theirs.sendall(b"PROXY TCP4 1.2.3.4")
+            with self.assertRaises(socket.timeout):
+                tcpserver.read_proxy_header(ours)
+
+
+class TestProxyProtocol(ServerTestCase):
+
+    def start_proxied(self, thunk=None, debug=False, **settings):
+        def show_addresses():
+            handler = tcpserver.current_connection()
+            print(handler.client_address[:2], handler.local_address[:2], input())
+
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), thunk or show_addresses,
+                                           proxy_protocol=True, **settings)
+        return self.serve(server, debug)
+
+    def test_the_thunk_and_the_diagnostics_see_the_real_client(self):
+        stderr = self.capture("stderr")
+        server = self.start_proxied(debug=True)
+        reply = self.talk(server, b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 6504\r\nhi\n")
+        self.assertEqual(reply, b"('203.0.113.7', 40000) ('192.0.2.1', 6504) hi\n")
+        reply = self.talk(server, proxy_v2(command=0, family=0) + b"check\n")
+        self.assertRegex(reply, rb"^\('127\.0\.0\.1', \d+\) \('127\.0\.0\.1', \d+\) check\n$")
+        self.stop(server)
+        self.assertIn("request 1 from 203.0.113.7;", stderr.getvalue())
+        self.assertEqual(server.stats()["completed"], 2)
+
+    def test_bad_headers_close_that_connection_only(self):
+        stderr = self.capture("stderr")
+        server = self.start_proxied(debug=True)
+        server.handshake_timeout = 0.3
+        self.assertEqual(self.talk(server, b"GET / HTTP/1.0\r\n\r\n"), b"")
+        with self.connect(server) as silent:
+            began = time.monotonic()
+            silent.sendall(b"PROXY ")
+            self.assertEqual(read_all(silent), b"")  # closed after handshake_timeout
+            self.assertLess(time.monotonic() - began, 5)
+        reply = self.talk(server, b"PROXY TCP4 198.51.100.2 192.0.2.1 1 2\r\nok\n")
+        self.assertEqual(reply, b"('198.51.100.2', 1) ('192.0.2.1', 2) ok\n")
+        self.stop(server)
+        log = stderr.getvalue()
+        self.assertIn("tcpserver-1 (with 127.0.0.1) finished (setup failed, ProxyHeaderError: "
+                      "no PROXY protocol header", log)
+        self.assertRegex(log, r"tcpserver-2 \(with 127\.0\.0\.1\) finished \(setup failed, "
+                              r"(timeout|TimeoutError): timed out\)")
+        self.assertNotIn("Traceback", log)
+        self.assertEqual(server.stats()["failed"], 2)
+
+    def test_untrusted_sources_cannot_claim_an_address(self):
+        server = self.start_proxied(trusted_proxies=["10.0.0.0/8"])
+        reply = self.talk(server, b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 6504\r\n")
+        self.assertRegex(reply, rb"^\('127\.0\.0\.1', \d+\) \('127\.0\.0\.1', \d+\) "
+                                rb"PROXY TCP4 203\.0\.113\.7 192\.0\.2\.1 40000 6504\n$")
+
+    def test_bad_settings(self):
+        for value, error in (("10.0.0.0/8", TypeError), (["10.0.0.0/33"], ValueError),
+                             (None, TypeError)):
+            with self.subTest(value=value), self.assertRaises(error):
+                tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler,
+                                             bind_and_activate=False, trusted_proxies=value)
+
+    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+    def test_header_then_tls(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        cert, key = make_certificate(directory)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        server = self.start_proxied(ssl_context=context)
+        with socket.create_connection(self.address(server), timeout=TIMEOUT) as raw:
+            raw.sendall(b"PROXY TCP6 2001:db8::5 2001:db8::1 5000 993\r\n")
+            client = ssl.create_default_context(cafile=cert)
+            with client.wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.sendall(b"secret\n")
+                self.assertEqual(read_all(sock),
+                                 b"('2001:db8::5', 5000) ('2001:db8::1', 993) secret\n")
+
+
+# ---------------------------------------------------------------------------
 # The command line: python -m tcpserver
 # ---------------------------------------------------------------------------
 
@@ -2623,6 +2794,14 @@ class TestCommandLine(unittest.TestCase):
             self.assertEqual(read_all(sock), b"in\n")
         self.assertEqual(server.stop()[0], 0)
 
+    def test_proxy_protocol(self):
+        server = CommandLine(self, ["-1", "-HRl0", "--proxy-protocol", "127.0.0.1", "0",
+                                    "sh", "-c", "echo $TCPREMOTEIP $TCPREMOTEPORT $TCPLOCALPORT"])
+        self.assertEqual(server.talk(b"PROXY TCP4 203.0.113.9 192.0.2.1 4321 25\r\n"),
+                         b"203.0.113.9 4321 25\n")
+        self.assertEqual(server.talk(b"no header\n"), b"")  # closed unserved
+        self.assertEqual(server.stop()[0], 0)
+
     def test_usage_errors_exit_100_with_one_line(self):
         for args in (["-c", "0", "127.0.0.1", "0", "cat"], ["-z", "127.0.0.1", "0", "cat"],
                      ["127.0.0.1"], ["127.0.0.1", "0"], ["127.0.0.1", "no-such-port", "cat"],
@@ -2630,7 +2809,8 @@ class TestCommandLine(unittest.TestCase):
                      ["127.0.0.1", "0", "--call", "no_such_module:f"],
                      ["127.0.0.1", "0", "no-such-program-here"],
                      ["--tls-cert", "c.pem", "127.0.0.1", "0", "cat"],
-                     ["--timeout", "soon", "127.0.0.1", "0", "cat"]):
+                     ["--timeout", "soon", "127.0.0.1", "0", "cat"],
+                     ["--trusted-proxies", "10.0.0.0/33", "127.0.0.1", "0", "cat"]):
             with self.subTest(args=args):
                 result = run_command(*args)
                 self.assertEqual(result.returncode, 100)
@@ -2650,6 +2830,90 @@ class TestCommandLine(unittest.TestCase):
         self.assertIn("usage: python -m tcpserver", text)
         for option in ("-c N", "-x FILE", "--call", "--per-client", "--tls-cert", "Exit codes"):
             self.assertIn(option, text)
+
+
+def free_port():
+    """A port that was free a moment ago (for programs that cannot take port 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@unittest.skipUnless(shutil.which("haproxy"), "haproxy is not installed (apt-get install haproxy)")
+class TestHAProxy(unittest.TestCase):
+    """README's HAProxy configuration, run with the real haproxy and two servers."""
+
+    def setUp(self):
+        ports = {6504: free_port(), 7001: free_port(), 7002: free_port()}
+        config = readme_code("backend servers")
+        for documented, port in ports.items():
+            config = config.replace("127.0.0.1:%d" % documented, "127.0.0.1:%d" % port)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "haproxy.cfg")
+        with open(path, "w") as file:
+            file.write(config)
+        self.frontend = ports[6504]
+        # Each server names itself and echoes the client's token and port.
+        self.servers = {}
+        for name, documented in (("one", 7001), ("two", 7002)):
+            command = readme_code("--proxy-protocol 127.0.0.1 %d" % documented).splitlines()
+            args = next(line for line in command if " %d " % documented in line).split()[3:]
+            args[args.index(str(documented))] = str(ports[documented])
+            args[-1:] = ["sh", "-c", "read token; echo $token $TCPREMOTEIP $TCPREMOTEPORT " + name]
+            self.servers[name] = CommandLine(self, ["-1"] + args)
+        self.haproxy = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        self.addCleanup(self.stop_haproxy)
+        self.haproxy_lines = []
+        self.reader = threading.Thread(target=self.read_haproxy, name="haproxy-stderr")
+        self.reader.start()
+
+    def read_haproxy(self):
+        for line in self.haproxy.stderr:
+            self.haproxy_lines.append(line.decode(errors="replace"))
+
+    def stop_haproxy(self):
+        self.haproxy.terminate()
+        self.haproxy.wait(TIMEOUT)
+        self.reader.join(TIMEOUT)
+        self.haproxy.stderr.close()
+
+    def client(self, token):
+        """One client through the balancer; return (reply fields, our port)."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # haproxy may not be listening yet
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.frontend), timeout=TIMEOUT)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        with sock:
+            sock.sendall(token.encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            return read_all(sock).decode().split(), sock.getsockname()[1]
+
+    def test_a_server_stops_and_every_client_is_still_served(self):
+        seen = set()
+        for number in range(20):
+            token = "before-%d" % number
+            fields, port = self.client(token)
+            self.assertEqual(fields[:3], [token, "127.0.0.1", str(port)])
+            seen.add(fields[3])
+        self.assertEqual(seen, {"one", "two"})  # balanced over both
+        code, _ = self.servers["one"].stop()
+        self.assertEqual(code, 0)
+        deadline = time.monotonic() + TIMEOUT
+        while not any("one is DOWN" in line for line in self.haproxy_lines):
+            self.assertLess(time.monotonic(), deadline, "haproxy never saw it stop")
+            time.sleep(0.05)
+        for number in range(40):
+            token = "after-%d" % number
+            fields, port = self.client(token)
+            self.assertEqual(fields, [token, "127.0.0.1", str(port), "two"])
+        self.assertEqual(self.servers["two"].stop()[0], 0)
 
 
 if __name__ == "__main__":
