@@ -25,10 +25,15 @@ http     http.server.SimpleHTTPRequestHandler serving a small file, on
 growth   1,000, 5,000 and 10,000 idle connections held open; meanwhile
          the rate of extra short connections, and the server's RSS per
          idle connection.  tcpserver against socketserver.
+workers  Connection rate of conn's daytime thunk, 32 and 256 clients, with
+         serve_workers(1) against serve_workers(2): one worker process
+         against two.  These servers are not pinned: they run on every CPU,
+         the load generator's too.  Stopped by SIGTERM, not by closing
+         stdin; a run fails unless the server exits 0 with no worker left.
 
 How it measures: every server runs in a process of its own (this script
-with --serve KIND), pinned to the first CPU; the load generator is pinned
-to the second.  The load generator is a small C program compiled at run
+with --serve KIND), pinned to the first CPU (but workers' servers, which
+use every CPU); the load generator is pinned to the second.  The load generator is a small C program compiled at run
 time with gcc, cc or clang, else a multi-process Python client: the output
 says which.  Everything runs on 127.0.0.1, on a port the OS picks.  Each
 figure is the median of --runs runs (3) per server; the servers' runs
@@ -40,8 +45,8 @@ tcpserver running ``date`` or ``cat`` per connection; the http scenario
 needs ab (``apt-get install apache2-utils``) or wrk.
 
 Internal modes, used by the script itself: ``--serve KIND`` runs one server
-until its stdin closes; ``--client MODE`` runs one process of the Python
-load generator.
+until its stdin closes (a workers server: until SIGTERM); ``--client MODE``
+runs one process of the Python load generator.
 """
 
 import argparse
@@ -70,7 +75,7 @@ HOST = "127.0.0.1"
 SCRIPT = os.path.abspath(__file__)
 HERE = os.path.dirname(SCRIPT)
 
-SCENARIOS = ["conn", "ping", "bulk", "http", "growth"]
+SCENARIOS = ["conn", "ping", "bulk", "http", "growth", "workers"]
 
 # Bulk: 64-byte lines, 63 characters and the newline that print() adds.
 LINE = ("0123456789" * 7)[:63]
@@ -290,6 +295,30 @@ def serve_threaded(kind, args):
     server.server_close()
 
 
+WORKERS_KIND = "tcpserver-workers-"  # and the number of worker processes
+
+
+def serve_workers(kind, args):
+    """tcpserver's daytime thunk in serve_workers(N) processes, until SIGTERM.
+
+    serve_workers() forks, and a fork copies only the calling thread: so no
+    stdin-watcher thread here, nor any other.  The parent stops this server
+    with SIGTERM, which serve_workers() passes on to every worker; it
+    returns once all have drained and ended.
+    """
+    import tcpserver
+
+    workers = int(kind[len(WORKERS_KIND):])
+    server = tcpserver.make_tcp_server((HOST, 0), daytime_thunk,
+                                       max_requests=args.max_requests)
+    if threading.active_count() != 1:
+        sys.exit("%d threads before serve_workers(): a fork would lose them"
+                 % threading.active_count())
+    write_port_file(args.port_file, server.server_address[1], os.getpid())
+    server.serve_workers(workers, POLL_INTERVAL)
+    server.server_close()
+
+
 async def asyncio_daytime(reader, writer):
     writer.write((time.ctime() + "\n").encode())
     writer.close()
@@ -351,7 +380,7 @@ def serve_main(args):
     """The --serve process: one server, until the parent closes our stdin."""
     global BULK_LINES
     if args.cpu is not None:
-        pin_to_cpus([args.cpu])
+        pin_to_cpus(args.cpu)
     raise_nofile_limit()
     BULK_LINES = args.bulk_bytes // len(LINE_BYTES)
     kind = args.serve
@@ -360,6 +389,8 @@ def serve_main(args):
         asyncio.run(serve_asyncio(kind, args))
     elif kind.startswith("ucspi-"):
         serve_ucspi(kind, args)
+    elif kind.startswith(WORKERS_KIND):
+        serve_workers(kind, args)
     else:
         serve_threaded(kind, args)
     return 0
@@ -1093,20 +1124,59 @@ def run_command(command, timeout, cap=OUTPUT_CAP):
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-class ServerProcess:
-    """This script with --serve KIND, started and ready: port and pid known."""
+def process_stat(pid):
+    """The fields of /proc/PID/stat after the command name (state first), or None."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
-    def __init__(self, bench, kind, extra_args=()):
+
+def stat_cpu_seconds(fields):
+    """utime + stime + cutime + cstime of a process_stat(), in seconds."""
+    return sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+
+
+def process_group(pgid):
+    """{pid: stat fields} of the live processes (not zombies) in group pgid."""
+    members = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return members
+    for name in names:
+        fields = process_stat(int(name)) if name.isdigit() else None
+        if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+            members[int(name)] = fields
+    return members
+
+
+class ServerProcess:
+    """This script with --serve KIND, started and ready: port and pid known.
+
+    cpus: the CPUs it runs on, if not the benchmark's server CPU.  forks: it
+    serves in worker processes (serve_workers()), so it is stopped by
+    SIGTERM instead of by closing its stdin, must then exit 0 leaving no
+    process behind (else stop_error says why), and its CPU time is that of
+    its process group (it runs in a session of its own).
+    """
+
+    def __init__(self, bench, kind, extra_args=(), cpus=None, forks=False):
         self.kind = kind
+        self.forks = forks
         self.stats = None
+        self.stop_error = None
         bench.servers_started += 1
         base = os.path.join(bench.tmp, "server-%d" % bench.servers_started)
         self.port_file = base + ".port"
         self.stats_file = base + ".stats"
         command = [sys.executable, SCRIPT, "--serve", kind,
                    "--port-file", self.port_file, "--stats-file", self.stats_file]
-        if bench.server_cpu is not None:
-            command += ["--cpu", str(bench.server_cpu)]
+        if cpus is None and bench.server_cpu is not None:
+            cpus = [bench.server_cpu]
+        if cpus:
+            command += ["--cpu", ",".join(map(str, cpus))]
         self.proc = spawn(command + list(extra_args), cwd=HERE, stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.output = CappedOutput(self.proc.stdout)
@@ -1125,13 +1195,17 @@ class ServerProcess:
                          % (self.kind, self.output.text()[-400:].strip() or "no output"))
 
     def cpu_seconds(self):
-        """CPU time of the server process and its reaped children, or None."""
-        try:
-            with open("/proc/%d/stat" % self.pid) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+        """CPU time of the server process and its reaped children, or None;
+        with forks, of every process in its group (its live workers too)."""
+        if self.forks:
+            members = process_group(self.proc.pid)
+            return sum(map(stat_cpu_seconds, members.values())) if members else None
+        fields = process_stat(self.pid)
+        return None if fields is None else stat_cpu_seconds(fields)
+
+    def workers(self):
+        """With forks: how many processes run beside the supervising one."""
+        return len([pid for pid in process_group(self.proc.pid) if pid != self.proc.pid])
 
     def status(self):
         """The server's VmRSS (KiB) and thread count from /proc, or Nones."""
@@ -1149,6 +1223,8 @@ class ServerProcess:
 
     def stop(self, timeout=SERVER_STOP_TIMEOUT):
         """Close the server's stdin (its signal to stop), wait, then kill."""
+        if self.forks:
+            self._stop_by_signal(timeout)
         try:
             self.proc.stdin.close()
         except OSError:
@@ -1159,6 +1235,31 @@ class ServerProcess:
                 self.stats = json.load(f)
         except (OSError, ValueError):
             pass
+
+    def _stop_by_signal(self, timeout):
+        """SIGTERM the supervising process; within timeout it must exit 0,
+        having reaped every worker.  Sets stop_error if not; stop() then
+        kills the whole process group in any case."""
+        try:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        code = self.proc.returncode
+        left = sorted(pid for pid in process_group(self.proc.pid) if pid != self.proc.pid)
+        problems = []
+        if code is None:
+            problems.append("did not exit within %.0f s of SIGTERM" % timeout)
+        elif code != 0:
+            problems.append("exited with %s after SIGTERM" % code)
+        if left:
+            problems.append("left %d worker process(es) running: %s"
+                            % (len(left), " ".join(map(str, left))))
+        if problems:
+            self.stop_error = "; ".join(problems) + " (killed)"
 
     def report(self):
         """What the server said and counted, for the JSON and the notes."""
@@ -1201,6 +1302,28 @@ def measure_rate(bench, kind, mode, clients, message, rate_key):
         server.stop()
     figures = load_figures(result, rate_key)
     figures["server_cpu_pct"] = cpu
+    result["hist"] = sorted(result["hist"].items())
+    return dict(figures=figures, client=result, **server.report())
+
+
+def measure_workers(bench, kind, clients):
+    """workers: conn's rate and latency of a serve_workers() server.
+
+    The server runs on every CPU, not pinned; it is stopped by SIGTERM,
+    and the run fails unless it exits 0 and leaves no worker behind.
+    """
+    server = ServerProcess(bench, kind, cpus=bench.all_cpus, forks=True)
+    try:
+        result, cpu = load_server(bench, server, "conn", clients, "",
+                                  bench.settings.warmup, bench.settings.duration)
+        workers = server.workers()
+    finally:
+        server.stop()
+    if server.stop_error:
+        raise BenchError("server %s: %s" % (kind, server.stop_error))
+    figures = load_figures(result, "conn_s")
+    figures["server_cpu_pct"] = cpu
+    figures["workers"] = workers
     result["hist"] = sorted(result["hist"].items())
     return dict(figures=figures, client=result, **server.report())
 
@@ -1396,8 +1519,9 @@ class Settings:
         self.held_counts = [1000] if quick else [1000, 5000, 10000]
         self.growth_clients = 32
         self.growth_duration = self.duration if quick else self.duration * 2 / 3
-        self.scenarios = args.only or (["conn", "ping", "bulk", "growth"] if quick
-                                       else SCENARIOS)
+        self.workers_clients = [32] if quick else [32, 256]
+        self.scenarios = args.only or (["conn", "ping", "bulk", "growth", "workers"]
+                                       if quick else SCENARIOS)
         self.time_limit = args.time_limit or (90.0 if quick else 900.0)
 
 
@@ -1412,6 +1536,7 @@ class Bench:
         self.results = []      # one dict per run, for --json
         self.skipped = []      # what the time limit or missing tools left out
         self.server_cpu = None
+        self.all_cpus = None   # the CPUs workers' servers run on
         self.load = None
         self.http_tool = None
         self.http_dir = None
@@ -1619,8 +1744,32 @@ def growth_level(records, held):
     return level
 
 
+WORKERS_SERVERS = [("tcpserver, 1 worker", WORKERS_KIND + "1"),
+                   ("tcpserver, 2 workers", WORKERS_KIND + "2")]
+
+
+def scenario_workers(bench):
+    s = bench.settings
+    cpus = ",".join(map(str, bench.all_cpus)) if bench.all_cpus else "all"
+    for clients in s.workers_clients:
+        config = "c=%d" % clients
+        records = compare(bench, "workers", config, WORKERS_SERVERS,
+                          lambda kind: measure_workers(bench, kind, clients))
+        print_table("Workers: connection rate, daytime thunk, serve_workers(1) against "
+                    "serve_workers(2), %d concurrent clients (%d runs of %.1f s; servers "
+                    "NOT pinned: on CPUs %s, the load generator's too)"
+                    % (clients, s.runs, s.duration, cpus),
+                    rows_against(records, WORKERS_SERVERS[0][0]),
+                    [("conn_s", "conn/s", "main")] + RATE_COLUMNS[:3]
+                    + [("workers", "workers", "value")] + RATE_COLUMNS[3:],
+                    "x 1w: the median over 1 worker's (latency: lower is better); "
+                    "srv CPU%: the supervisor and its workers together",
+                    ratio_name="x 1w")
+
+
 SCENARIO_FUNCTIONS = {"conn": scenario_conn, "ping": scenario_ping, "bulk": scenario_bulk,
-                      "http": scenario_http, "growth": scenario_growth}
+                      "http": scenario_http, "growth": scenario_growth,
+                      "workers": scenario_workers}
 
 
 # ---------------------------------------------------------------------------
@@ -1631,6 +1780,8 @@ def fmt(value):
     """A figure with 3 or 4 significant digits; "-" for none."""
     if value is None or value != value:  # None or NaN
         return "-"
+    if isinstance(value, int):  # a count: the workers column
+        return "{:,}".format(value)
     size = abs(value)
     if size >= 1000:
         return "{:,.0f}".format(value)
@@ -1827,14 +1978,16 @@ def setup_tools(bench, force_python_client):
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(allowed) >= 2:
         bench.server_cpu, load_cpus = allowed[0], allowed[1:]
+        bench.all_cpus = allowed  # before pin_to_cpus() below narrows ours
     else:
         load_cpus = []
     bench.load, load_pin, note = make_load_generator(bench.tmp, load_cpus, force_python_client)
     pin_to_cpus(load_pin)
     print("load generator: %s%s" % (note, bench.load.description))
     if bench.server_cpu is not None:
-        print("pinning: each server on CPU %d; load generator on CPU %s"
-              % (bench.server_cpu, ",".join(map(str, load_pin))))
+        print("pinning: each server on CPU %d (workers' servers on CPUs %s); "
+              "load generator on CPU %s" % (bench.server_cpu, ",".join(map(str, bench.all_cpus)),
+                                            ",".join(map(str, load_pin))))
     else:
         print("pinning: none (%s); servers and load share the CPUs"
               % ("one CPU" if allowed else "no os.sched_setaffinity"))
@@ -1900,7 +2053,8 @@ def parse_args(argv):
     internal.add_argument("--serve", metavar="KIND", help="run one server of this kind")
     internal.add_argument("--port-file", help="--serve: where to write 'PORT PID'")
     internal.add_argument("--stats-file", help="--serve: where tcpserver's stats() go")
-    internal.add_argument("--cpu", type=int, help="--serve: the CPU to run on")
+    internal.add_argument("--cpu", type=cpu_list,
+                          help="--serve: the CPU to run on (or CPUs, comma-separated)")
     internal.add_argument("--max-requests", type=int, default=10000,
                           help="--serve: tcpserver's max_requests, ucspi-tcp's -c")
     internal.add_argument("--bulk-bytes", type=int, default=0, help="--serve: bulk size")
@@ -1917,6 +2071,11 @@ def parse_args(argv):
     if args.client and args.duration is None:
         args.duration = 1.0
     return args
+
+
+def cpu_list(text):
+    """--cpu's value: "0" or "0,1"."""
+    return [int(cpu) for cpu in text.split(",")]
 
 
 def on_sigterm(signum, frame):

@@ -54,6 +54,7 @@ __all__ = [
     "main",
     "make_tcp_server",
     "read_proxy_header",
+    "systemd_listeners",
     "tcp_abandon",
     "tcp_accept",
     "tcp_addresses",
@@ -76,6 +77,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 #: Listen queue length of tcp_listen() and ThreadingTCPServer: as long as
@@ -235,6 +237,30 @@ def tcp_listen(port: int, backlog: int = DEFAULT_BACKLOG,
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                 flags=socket.AI_PASSIVE)[0][0]
     return socket.create_server((host, port), family=family, backlog=backlog)
+
+
+def systemd_listeners() -> List[socket.socket]:
+    """Return the sockets systemd passed to this process (socket activation).
+
+    Reads LISTEN_FDS and LISTEN_PID as sd_listen_fds(3) does: the sockets
+    are descriptors 3, 4, ... and are for this process only if LISTEN_PID
+    is its pid; otherwise, or without them, returns [].  The variables are
+    removed, so programs this process starts do not take the sockets for
+    theirs.  Hand a socket to make_tcp_server() or from_listener().
+    Raises ValueError if LISTEN_FDS is not a number.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = os.environ.get("LISTEN_FDS", "0")
+    if not count.isdigit():
+        raise ValueError("LISTEN_FDS must be a number, not %r" % count)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    listeners = []
+    for descriptor in range(3, 3 + int(count)):
+        os.set_inheritable(descriptor, False)
+        listeners.append(socket.socket(fileno=descriptor))
+    return listeners
 
 
 def _plain_address(address: _Address) -> _Address:
@@ -1071,20 +1097,95 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         return server
 
     def __call__(self, debug: Union[bool, str] = False,
-                 poll_interval: float = 0.5) -> None:
+                 poll_interval: float = 0.5,
+                 workers: Optional[int] = None) -> None:
         """Serve until shutdown() is called from another thread: the egg's server procedure.
 
         debug=True writes the egg's diagnostic lines to stderr, prefixed
-        ``[tcp-server]``; a string replaces the prefix.  Raises TypeError or
-        ValueError for another debug value.
+        ``[tcp-server]``; a string replaces the prefix.  workers=N serves
+        in N processes instead, until SIGTERM or SIGINT (serve_workers()).
+        Raises TypeError or ValueError for another debug or workers value.
         """
         if not isinstance(debug, (bool, str)) or debug == "":
             error = ValueError if debug == "" else TypeError
             raise error("debug must be a bool or a non-empty str, not %r"
                         % (debug,))
         self.debug = debug
+        if workers is not None:
+            self.serve_workers(workers, poll_interval)
+            return
         self.log("waiting for requests...", logging.INFO)
         self.serve_forever(poll_interval)
+
+    def serve_workers(self, workers: int, poll_interval: float = 0.5) -> None:
+        """Serve in worker processes that share the listening socket (POSIX).
+
+        Forks workers processes; each serves as serve_forever() does, with
+        its own threads and its own max_requests, until SIGTERM or SIGINT,
+        then drains (server_close()) and exits 0.  This process supervises:
+        a worker that dies is replaced; SIGTERM or SIGINT is passed on to
+        every worker (a second one makes them stop at once), and this
+        returns once all have ended.  Call it from the main thread, before
+        this process starts threads of its own (fork copies only the
+        caller's), then call server_close() here as usual.
+        """
+        _check_int("workers", workers, 1, 1024, "an int in 1..1024")
+        # Blocking accept() in a worker that lost the race for a connection
+        # would keep it from noticing shutdown().
+        self.socket.setblocking(False)
+        running = {}  # type: Dict[int, float]  # pid -> when it started
+        stopping = []  # the signals received, to pass on
+
+        def pass_on(signum: int, frame: Any) -> None:
+            stopping.append(signum)
+            for pid in running:
+                os.kill(pid, signal.SIGTERM)
+
+        previous = {number: signal.signal(number, pass_on)
+                    for number in (signal.SIGTERM, signal.SIGINT)}
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        try:
+            while running or not stopping:
+                # Blocked until the new pids are in running, for pass_on().
+                signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+                try:
+                    while not stopping and len(running) < workers:
+                        running[self._fork_worker(poll_interval)] = time.monotonic()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                if not running:
+                    break
+                pid, status = os.wait()
+                began = running.pop(pid)
+                if not stopping:
+                    self.log("worker %d ended (wait status %d); starting another"
+                             % (pid, status), logging.WARNING)
+                    if time.monotonic() - began < 1.0:
+                        time.sleep(1.0)  # a worker that dies at once: no storm
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _fork_worker(self, poll_interval: float) -> int:
+        """Start one worker process; return its pid.  The worker never returns.
+
+        Called with SIGTERM and SIGINT blocked: the worker unblocks them
+        once it has handlers of its own, as this process's would pass the
+        signal on to the worker's siblings.
+        """
+        pid = os.fork()
+        if pid:
+            return pid
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        code = 1
+        try:
+            _serve_until_signalled(self, poll_interval, ready=lambda: (
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)))
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)  # never run the parent's code, or its atexit
 
     def _verbose(self, level: int) -> bool:
         """Return True if log() at level shows anywhere: worth formatting for."""
@@ -1502,6 +1603,61 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 pass  # closed meanwhile
 
 
+def _serve_until_signalled(server: ThreadingTCPServer,
+                           poll_interval: float = 0.5,
+                           ready: Optional[Callable[[], None]] = None,
+                           at_once: Optional[Callable[[], None]] = None
+                           ) -> None:
+    """Serve until SIGTERM or SIGINT, then drain with server_close().
+
+    ready() is called once the signal handlers are in place.  A second
+    signal stops at once: at_once() (if given), then the process exits 0
+    whatever its threads are doing.  So does the end of the drain if
+    request threads outlived it (a thunk that never returns), rather than
+    hang at interpreter exit.  Main thread only, as signal handlers are;
+    the previous handlers come back.
+    """
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+
+    def first(signum: int, frame: Any) -> None:
+        for number in stop_signals:
+            signal.signal(number, second)
+        # shutdown() waits for serve_forever(), so not from its thread.
+        threading.Thread(target=server.shutdown, name="signal").start()
+
+    def second(signum: int, frame: Any) -> None:
+        server.log("a second signal: stopping at once", logging.WARNING)
+        if at_once is not None:
+            at_once()
+        _exit_now(0)
+
+    previous = {number: signal.signal(number, first) for number in stop_signals}
+    try:
+        if ready is not None:
+            ready()
+        server.serve_forever(poll_interval)
+        server.server_close()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    left = [worker.thread.name for worker in list(server._workers)
+            if worker.thread.is_alive()]
+    if left:
+        server.log("exiting while %s still run" % ", ".join(left),
+                   logging.WARNING)
+        _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    """End the process now, with what was written flushed, threads or not."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass  # no stream, or a closed one: nothing to flush
+    os._exit(code)
+
+
 class _Worker:
     """A request thread, and how to hand it its next job while it is spare.
 
@@ -1608,7 +1764,8 @@ _EXIT_USAGE = 100      # a bad option or argument, as ucspi-tcp's usage errors
 _EXIT_TEMPORARY = 111  # a failure worth retrying (address in use), djb's code
 
 _USAGE = ("usage: python -m tcpserver [options] HOST PORT PROGRAM [ARG ...]\n"
-          "       python -m tcpserver [options] HOST PORT --call MODULE:FUNCTION")
+          "       python -m tcpserver [options] HOST PORT --call MODULE:FUNCTION\n"
+          "       python -m tcpserver [options] --inherit PROGRAM [ARG ...]")
 
 _HELP = _USAGE + """
 
@@ -1636,7 +1793,8 @@ ucspi-tcp's options (same letters, same meanings):
   -l NAME    TCPLOCALHOST=NAME instead of looking up the local name
   -r, -R, -t N  ident lookups: accepted, never done (no TCPREMOTEINFO)
   -o, -O     keep / clear (default) IPv4 options of each connection
-  -x FILE    follow tcprules(1) rules in FILE.cdb: allow, deny, set env
+  -x FILE    follow the rules in FILE, a cdb made by tcprules(1): allow,
+             deny, set environment variables (FILE is read per connection)
   -X         with -x, allow connections if FILE does not exist
   -u UID, -g GID, -U   drop to that uid/gid ($UID, $GID) after binding
 
@@ -1652,6 +1810,10 @@ options of our own:
                           from a PROXY header (v1 or v2) on each connection
   --trusted-proxies NETS  who may send that header, comma-separated
                           (default 127.0.0.0/8,::1/128)
+  --inherit               serve the socket systemd passes (socket
+                          activation); HOST and PORT are then left out
+  -w N                    serve in N worker processes sharing the port,
+                          each with its own -c limit; dead ones restarted
   --help                  this text
 
 PROGRAM's environment adds PROTO=TCP, TCPLOCALIP, TCPLOCALPORT,
@@ -1663,10 +1825,6 @@ failure (address in use, cannot resolve HOST, cannot drop privileges)."""
 
 class _UsageError(Exception):
     """The command line is wrong: one line for stderr, exit _EXIT_USAGE."""
-
-
-class _Stop(Exception):
-    """A second signal: stop at once."""
 
 
 class _Options:
@@ -1695,22 +1853,29 @@ class _Options:
     call = None            # type: Optional[str]
     proxy_protocol = False
     trusted_proxies = ThreadingTCPServer.trusted_proxies  # type: Any
+    inherit = False
+    workers = 1
     help = False
     host = ""
     port = 0
     program = []           # type: List[str]
 
 
+_YEAR = 365 * 24 * 3600.0  # seconds: more than any timeout needs
+
+
 def _number(option: str, text: str, minimum: float = 0,
+            maximum: float = sys.maxsize,
             kind: Callable[[str], Any] = int) -> Any:
-    """Return text as a number >= minimum, or raise _UsageError naming option."""
+    """Return text as a number in minimum..maximum, or raise _UsageError
+    naming option."""
     try:
         value = kind(text)
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        raise _UsageError("%s needs a number >= %s, not %r"
-                          % (option, minimum, text))
+    if value is None or not minimum <= value <= maximum:  # NaN fails too
+        raise _UsageError("%s needs a number from %s to %s, not %r"
+                          % (option, minimum, maximum, text))
     return value
 
 
@@ -1720,10 +1885,10 @@ def _parse_command_line(argv: List[str]) -> _Options:
     options = _Options()
     try:
         pairs, rest = getopt.getopt(
-            argv, "c:b:vqQB:1dDhHpPl:rRt:oOx:Xu:g:U",
+            argv, "c:b:vqQB:1dDhHpPl:rRt:oOx:Xu:g:Uw:",
             ["call=", "per-client=", "timeout=", "drain=", "tls-cert=",
              "tls-key=", "tls-ca=", "proxy-protocol", "trusted-proxies=",
-             "help"])
+             "inherit", "help"])
         if len(rest) >= 4 and rest[2] == "--call":  # HOST PORT --call M:F
             pairs.append(("--call", rest[3]))
             extra = rest[4:]
@@ -1739,11 +1904,14 @@ def _parse_command_line(argv: List[str]) -> _Options:
         _apply_option(options, option, value)
     if options.help:
         return options
-    if len(rest) < 2:
+    if options.inherit:  # the listening socket comes from systemd
+        options.program = rest
+    elif len(rest) < 2:
         raise _UsageError("HOST and PORT are needed")
-    options.host = {"0": "0.0.0.0", "::": ""}.get(rest[0], rest[0])
-    options.port = _port_number(rest[1])
-    options.program = rest[2:]
+    else:
+        options.host = {"0": "0.0.0.0", "::": ""}.get(rest[0], rest[0])
+        options.port = _port_number(rest[1])
+        options.program = rest[2:]
     if bool(options.program) == bool(options.call):
         raise _UsageError("give either PROGRAM or --call MODULE:FUNCTION")
     if bool(options.tls_cert) != bool(options.tls_key):
@@ -1762,7 +1930,8 @@ def _apply_option(options: _Options, option: str, value: str) -> None:
              "-p": ("paranoid", True), "-P": ("paranoid", False),
              "-o": ("ip_options", True), "-O": ("ip_options", False),
              "-X": ("rules_optional", True), "--help": ("help", True),
-             "--proxy-protocol": ("proxy_protocol", True)}
+             "--proxy-protocol": ("proxy_protocol", True),
+             "--inherit": ("inherit", True)}
     if option in flags:
         setattr(options, *flags[option])
     elif option in ("-r", "-R", "-t"):
@@ -1770,8 +1939,10 @@ def _apply_option(options: _Options, option: str, value: str) -> None:
             _number(option, value)  # ident timeout: checked, not used
     elif option == "-c":
         options.limit = _number(option, value, 1)
+    elif option == "-w":
+        options.workers = _number(option, value, 1, 1024)
     elif option == "-b":
-        options.backlog = _number(option, value)
+        options.backlog = _number(option, value, 0, 2 ** 31 - 1)
     elif option == "-B":
         options.banner = value
     elif option == "-l":
@@ -1780,12 +1951,13 @@ def _apply_option(options: _Options, option: str, value: str) -> None:
         options.rules = value
     elif option in ("-u", "-g"):
         setattr(options, "uid" if option == "-u" else "gid",
-                _number(option, value))
+                _number(option, value, 0, 2 ** 32 - 2))
     elif option == "-U":
         for name in ("UID", "GID"):
             if name in os.environ:
                 setattr(options, name.lower(),
-                        _number("-U ($%s)" % name, os.environ[name]))
+                        _number("-U ($%s)" % name, os.environ[name], 0,
+                                2 ** 32 - 2))
     elif option == "--call":
         options.call = value
     elif option == "--per-client":
@@ -1797,7 +1969,9 @@ def _apply_option(options: _Options, option: str, value: str) -> None:
         except ValueError as exc:
             raise _UsageError(str(exc)) from None
     elif option in ("--timeout", "--drain"):
-        setattr(options, option[2:], _number(option, value, 0, float))
+        shortest = 0.001 if option == "--timeout" else 0.0  # --drain 0: none
+        setattr(options, option[2:], _number(option, value, shortest, _YEAR,
+                                             float))
     else:  # --tls-cert, --tls-key, --tls-ca
         setattr(options, option[2:].replace("-", "_"), value)
 
@@ -1805,7 +1979,7 @@ def _apply_option(options: _Options, option: str, value: str) -> None:
 def _port_number(text: str) -> int:
     """Return PORT as a number: digits, or a service name from /etc/services."""
     if text.isdigit():
-        return _number("PORT", text)
+        return _number("PORT", text, 0, 65535)
     try:
         return socket.getservbyname(text, "tcp")
     except OSError:
@@ -1867,12 +2041,15 @@ def _follow_rules(path: str, ip: str, host: Optional[str],
         if optional:
             return {}
         raise
-    for key in _rule_keys(ip, host):
-        value = _cdb_get(data, key.encode())
-        if value is not None:
-            break
-    else:
-        return {}
+    try:
+        for key in _rule_keys(ip, host):
+            value = _cdb_get(data, key.encode())
+            if value is not None:
+                break
+        else:
+            return {}
+    except struct.error:
+        raise ValueError("%s is not a cdb file (made by tcprules)" % path) from None
     environment = {}
     for item in value.split(b"\0"):
         if item == b"D":
@@ -1972,12 +2149,13 @@ class _CommandServer(ThreadingTCPServer):
         "ok" line, or None if the rules deny it (logged).  Sets its socket
         options and sends the banner."""
         variables, local_field, remote_field = self.environment(local, peer)
+        self._prepare(connection)  # the banner goes out before the rules, as there
         if self.options.rules:
             try:
                 granted = _follow_rules(self.options.rules, str(peer[0]),
                                         variables.get("TCPREMOTEHOST"),
                                         self.options.rules_optional)
-            except OSError as exc:  # as ucspi-tcp: no rules, no service
+            except (OSError, ValueError) as exc:  # as ucspi-tcp: no rules, no service
                 self.log("unable to read %s: %s" % (self.options.rules, exc),
                          logging.WARNING)
                 granted = None
@@ -1986,7 +2164,6 @@ class _CommandServer(ThreadingTCPServer):
                 self.say("deny %d %s %s" % (number, local_field, remote_field))
                 return None
             variables.update(granted)
-        self._prepare(connection)
         return variables, "%s %s" % (local_field, remote_field)
 
     def started(self, number: int, peer: _Address, fields: str) -> None:
@@ -2015,8 +2192,9 @@ class _CommandServer(ThreadingTCPServer):
             self._children.discard(child)
 
     def shutdown_request(self, request: socket.socket) -> None:
-        """Close our copy only: PROGRAM (and its children) may hold the
-        connection longer, and it ends when the last copy closes."""
+        """Close our copy only, where PROGRAM has the socket itself: it
+        (and its children) may hold the connection longer, and it ends when
+        the last copy closes.  Piped (TLS, --timeout): an orderly close."""
         if self.options.program and self.ssl_context is None:
             self.close_request(request)
         else:
@@ -2036,6 +2214,14 @@ class _CommandServer(ThreadingTCPServer):
                 killer.cancel()
                 killer.join()
             self.kill_children()
+
+    def kill_children_now(self) -> None:
+        """Kill every PROGRAM still running, without waiting: we are exiting."""
+        for child in list(self._children):
+            try:
+                child.kill()
+            except OSError:
+                pass  # it ended meanwhile
 
     def kill_children(self) -> None:
         """Kill every PROGRAM still running, once each, and reap it."""
@@ -2091,8 +2277,11 @@ class _ProgramHandler(socketserver.BaseRequestHandler):
             if piped:
                 try:
                     _pump(self.request, child, server.idle_timeout)
+                except BaseException:
+                    _end_child(child)  # the connection is over: so is PROGRAM
+                    raise
                 finally:
-                    child.stdin.close()  # on a timeout too: EOF for the child
+                    child.stdin.close()
                     child.stdout.close()
         finally:
             code = child.wait()
@@ -2100,6 +2289,17 @@ class _ProgramHandler(socketserver.BaseRequestHandler):
             # The raw wait status, as ucspi-tcp logs it: exit code << 8, or
             # the signal that killed it.
             self.status = code << 8 if code >= 0 else -code
+
+
+def _end_child(child: Any, grace: float = 1.0) -> None:
+    """Ask child to end (SIGTERM), and make it (SIGKILL) after grace seconds."""
+    try:
+        child.terminate()
+        child.wait(grace)
+    except subprocess.TimeoutExpired:
+        child.kill()
+    except OSError:
+        pass  # it ended meanwhile
 
 
 def _pump(connection: socket.socket, child: Any,
@@ -2160,8 +2360,6 @@ def _pump(connection: socket.socket, child: Any,
                     del to_client[:connection.send(to_client)]
                 except would_block:
                     pass
-    if child_in is not None:
-        child_in.close()
 
 
 def _receive(connection: socket.socket,
@@ -2250,6 +2448,23 @@ def _tls_context(options: _Options) -> Any:
     return context
 
 
+def _command_listener(options: _Options) -> socket.socket:
+    """Return the listening socket: HOST PORT's, or systemd's (--inherit)."""
+    if not options.inherit:
+        return tcp_listen(options.port, options.backlog, options.host)
+    try:
+        listeners = systemd_listeners()
+    except ValueError as exc:
+        raise _UsageError("--inherit: %s" % exc) from None
+    if len(listeners) != 1:
+        for listener in listeners:
+            listener.close()
+        raise _UsageError("--inherit needs one socket from systemd "
+                          "(LISTEN_FDS=1, LISTEN_PID=this process), not %d"
+                          % len(listeners))
+    return listeners[0]
+
+
 def _drop_privileges(options: _Options) -> None:
     """Become -g GID and -u UID (after binding, as ucspi-tcp does)."""
     if options.gid is not None:
@@ -2257,31 +2472,6 @@ def _drop_privileges(options: _Options) -> None:
         os.setgid(options.gid)
     if options.uid is not None:
         os.setuid(options.uid)
-
-
-def _serve_until_signalled(server: _CommandServer,
-                           ready: Callable[[], None]) -> None:
-    """Call ready(), then serve until SIGTERM or SIGINT, then drain; a second
-    signal cuts the drain short: connections are reset and PROGRAMs killed."""
-
-    def first(signum: int, frame: Any) -> None:
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, second)
-        # shutdown() waits for serve_forever(), so not from its thread.
-        threading.Thread(target=server.shutdown, name="signal").start()
-
-    def second(signum: int, frame: Any) -> None:
-        raise _Stop()
-
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, first)
-    try:
-        ready()
-        server.serve_forever()
-        server.server_close()
-    except _Stop:
-        server.drain_timeout = 0
-        server.server_close()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -2304,7 +2494,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write("tcpserver: usage error: %s (see --help)\n" % exc)
         return _EXIT_USAGE
     try:
-        listener = tcp_listen(options.port, options.backlog, options.host)
+        listener = _command_listener(options)
+    except _UsageError as exc:
+        sys.stderr.write("tcpserver: usage error: %s (see --help)\n" % exc)
+        return _EXIT_USAGE
     except OSError as exc:
         sys.stderr.write("tcpserver: fatal: unable to listen on %s port %d: %s\n"
                          % (options.host or "::", options.port, exc))
@@ -2328,7 +2521,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(listener.getsockname()[1], flush=True)
         server.say("status: 0/%d" % options.limit)
 
-    _serve_until_signalled(server, ready)
+    if options.workers > 1:
+        ready()
+        server.serve_workers(options.workers)
+        server.server_close()
+    else:
+        _serve_until_signalled(server, ready=ready,
+                               at_once=server.kill_children_now)
     return 0
 
 

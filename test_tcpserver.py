@@ -2697,10 +2697,71 @@ class TestCommandLine(unittest.TestCase):
             pid = int(sock.makefile().readline())
             began = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
+            self.wait_until_refused(server)
             server.process.send_signal(signal.SIGINT)
             self.assertEqual(server.process.wait(TIMEOUT), 0)
         self.assertLess(time.monotonic() - began, 5)
         self.assertTrue(pid_gone(pid))
+
+    def test_a_second_signal_ends_even_a_thunk_that_never_returns(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "sleeper.py"), "w") as module:
+            module.write("import time\ndef nap():\n    print('napping', flush=True)\n"
+                         "    time.sleep(60)\n")
+        env = {"PYTHONPATH": os.pathsep.join([directory, HERE])}
+        for signals, drain in (([signal.SIGTERM, signal.SIGTERM], "60"),
+                               ([signal.SIGTERM], "0.2")):
+            with self.subTest(signals=len(signals)):
+                server = CommandLine(self, ["-1", "--drain", drain, "127.0.0.1", "0",
+                                            "--call", "sleeper:nap"], env=env)
+                with server.connect() as sock:
+                    self.assertEqual(sock.makefile("rb").readline(), b"napping\n")
+                    began = time.monotonic()
+                    server.process.send_signal(signals[0])
+                    if len(signals) > 1:
+                        self.wait_until_refused(server)  # the first one was handled
+                        server.process.send_signal(signals[1])
+                    self.assertEqual(server.process.wait(TIMEOUT), 0)
+                    self.assertLess(time.monotonic() - began, 6)
+                self.assertIn("warning:", server.stop()[1])
+
+    def wait_until_refused(self, server):
+        """Wait until the server has closed its listening socket (bounded)."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                server.connect().close()
+            except ConnectionRefusedError:
+                return
+            self.assertLess(time.monotonic(), deadline, "still accepting")
+            time.sleep(0.02)
+
+    def test_idle_timeout_ends_a_program_that_ignores_its_pipes(self):
+        server = CommandLine(self, ["-v1", "--timeout", "0.3", "127.0.0.1", "0",
+                                    "sh", "-c", "echo $$; exec sleep 60"])
+        with server.connect() as sock:
+            pid = int(sock.makefile().readline())
+            began = time.monotonic()
+            with self.assertRaises(ConnectionResetError):
+                read_all(sock)
+            self.assertLess(time.monotonic() - began, 5)
+        server.wait_for(r"end %d status 15\n" % pid)  # SIGTERM ended it
+        self.assertTrue(pid_gone(pid))
+        self.assertEqual(server.stop()[0], 0)
+
+    def test_a_rules_file_that_is_not_cdb_denies_with_a_warning(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        rules = os.path.join(directory, "rules.txt")
+        with open(rules, "w") as file:
+            file.write(":allow\n")  # the source, not what tcprules makes of it
+        server = CommandLine(self, ["-1", "-B", "banner\n", "-x", rules, "127.0.0.1", "0", "cat"])
+        self.assertEqual(server.talk(), b"banner\n")  # as ucspi-tcp: banner, then the rules
+        code, log = server.stop()
+        self.assertEqual(code, 0)
+        self.assertIn("warning: unable to read %s: %s is not a cdb file" % (rules, rules), log)
+        self.assertNotIn("Traceback", log)
 
     def test_idle_timeout(self):
         server = CommandLine(self, ["-1", "--timeout", "0.3", "127.0.0.1", "0", "cat"])
@@ -2810,7 +2871,12 @@ class TestCommandLine(unittest.TestCase):
                      ["127.0.0.1", "0", "no-such-program-here"],
                      ["--tls-cert", "c.pem", "127.0.0.1", "0", "cat"],
                      ["--timeout", "soon", "127.0.0.1", "0", "cat"],
-                     ["--trusted-proxies", "10.0.0.0/33", "127.0.0.1", "0", "cat"]):
+                     ["--trusted-proxies", "10.0.0.0/33", "127.0.0.1", "0", "cat"],
+                     ["--timeout", "0", "127.0.0.1", "0", "cat"],
+                     ["--drain", "inf", "127.0.0.1", "0", "cat"],
+                     ["-c", "99999999999999999999", "127.0.0.1", "0", "cat"],
+                     ["-b", "99999999999", "127.0.0.1", "0", "cat"],
+                     ["127.0.0.1", "70000", "cat"]):
             with self.subTest(args=args):
                 result = run_command(*args)
                 self.assertEqual(result.returncode, 100)
@@ -2914,6 +2980,147 @@ class TestHAProxy(unittest.TestCase):
             fields, port = self.client(token)
             self.assertEqual(fields, [token, "127.0.0.1", str(port), "two"])
         self.assertEqual(self.servers["two"].stop()[0], 0)
+
+
+@unittest.skipUnless(shutil.which("systemd-socket-activate"),
+                     "systemd-socket-activate is not installed (apt-get install systemd)")
+class TestSocketActivation(unittest.TestCase):
+
+    def test_inherit_the_socket_of_systemd_socket_activate(self):
+        port = free_port()
+        unit = readme_code("ExecStart=")
+        command = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1).split()
+        self.assertEqual(command[:5], ["/usr/bin/python3", "-m", "tcpserver", "--inherit", "-v"])
+        process = subprocess.Popen(
+            ["systemd-socket-activate", "-l", "127.0.0.1:%d" % port, "-E", "PYTHONPATH=" + HERE,
+             sys.executable] + command[1:],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.kill)
+        self.assertIn(b"Listening on", process.stderr.readline())
+        for _ in range(3):  # the first connection starts the server; it serves the rest
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+                self.assertRegex(read_all(sock).decode(), r"^\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d "
+                                                          r"\w+ \d{4}\n$")
+        process.send_signal(signal.SIGTERM)  # systemd-socket-activate has become our server
+        log = process.stderr.read().decode()
+        self.assertEqual(process.wait(TIMEOUT), 0)
+        self.assertEqual(log.count("tcpserver: end "), 3)
+
+    def test_systemd_listeners(self):
+        with tcpserver.tcp_listen(0, host="127.0.0.1") as listener:
+            code = ("import os, tcpserver; listeners = tcpserver.systemd_listeners(); "
+                    "print(len(listeners), listeners[0].getsockname()[1], "
+                    "'LISTEN_FDS' in os.environ, tcpserver.systemd_listeners())")
+            result = subprocess.run(
+                [sys.executable, "-c", "import os; os.environ['LISTEN_PID'] = str(os.getpid()); "
+                 "os.dup2(%d, 3); exec(%r)" % (listener.fileno(), code)],
+                env=dict(os.environ, PYTHONPATH=HERE, LISTEN_FDS="1"), pass_fds=[listener.fileno()],
+                capture_output=True, timeout=TIMEOUT)
+            self.assertEqual(result.stdout.decode(),
+                             "1 %d False []\n" % listener.getsockname()[1], result.stderr)
+        self.assertEqual(tcpserver.systemd_listeners(), [])  # not for this process
+
+    def test_inherit_without_a_socket(self):
+        result = run_command("--inherit", "cat")
+        self.assertEqual(result.returncode, 100)
+        self.assertIn("--inherit needs one socket from systemd", result.stderr.decode())
+
+
+WORKERS_SCRIPT = """
+import os, sys, time
+import tcpserver
+
+def thunk():
+    print(os.getpid(), input())
+
+server = tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, 4)
+print(server.server_address[1], flush=True)
+server(workers=int(sys.argv[1]))
+server.server_close()
+print("supervisor done", flush=True)
+"""
+
+
+class TestWorkers(unittest.TestCase):
+
+    def start(self, workers):
+        process = subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT, str(workers)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=dict(os.environ, PYTHONPATH=HERE))
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(process.kill)
+        self.port = int(process.stdout.readline())
+        return process
+
+    def ask(self, text="x"):
+        """One request; return the pid of the worker that served it."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
+            sock.sendall(text.encode() + b"\n")
+            pid, echoed = read_all(sock).decode().split()
+        self.assertEqual(echoed, text)
+        return int(pid)
+
+    def pids_serving(self, count):
+        """Ask until count different workers answered (bounded); return their pids."""
+        pids = set()
+        deadline = time.monotonic() + TIMEOUT
+        while len(pids) < count:
+            self.assertLess(time.monotonic(), deadline, "only %s answered" % pids)
+            pids.add(self.ask())
+        return pids
+
+    def test_workers_share_the_port_and_a_dead_one_is_replaced(self):
+        process = self.start(2)
+        first = self.pids_serving(2)
+        self.assertNotIn(process.pid, first)
+        victim = first.pop()
+        os.kill(victim, signal.SIGKILL)
+        self.assertTrue(pid_gone(victim))  # reaped by the supervisor
+        deadline = time.monotonic() + TIMEOUT
+        pids = set()
+        while len(pids - first) < 1:  # a new worker serves beside the survivor
+            self.assertLess(time.monotonic(), deadline, "no replacement for %d" % victim)
+            pids.add(self.ask())
+        self.assertNotIn(victim, pids)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.stdout.read(), b"supervisor done\n")
+        self.assertEqual(process.wait(TIMEOUT), 0)
+        self.assertIn("worker %d ended (wait status 9); starting another" % victim,
+                      process.stderr.read().decode())
+        for pid in pids | first:
+            self.assertTrue(pid_gone(pid))
+
+    def test_sigterm_drains_every_worker(self):
+        process = self.start(2)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
+            self.pids_serving(2)  # both run; our connection waits in a thunk's input()
+            process.send_signal(signal.SIGTERM)
+            sock.sendall(b"late\n")  # the reply shows the drain let the thunk finish
+            pid, echoed = read_all(sock).decode().split()
+        self.assertEqual(echoed, "late")
+        self.assertEqual(process.wait(TIMEOUT), 0)
+        self.assertTrue(pid_gone(int(pid)))
+
+    def test_bad_counts(self):
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), print)
+        with server:
+            for value, error in ((0, ValueError), (1.5, TypeError), ("2", TypeError)):
+                with self.subTest(value=value), self.assertRaises(error):
+                    server(workers=value)
+
+    def test_command_line_workers(self):
+        server = CommandLine(self, ["-1", "-w", "2", "127.0.0.1", "0", "sh", "-c", "echo $PPID"])
+        pids = set()
+        deadline = time.monotonic() + TIMEOUT
+        while len(pids) < 2:
+            self.assertLess(time.monotonic(), deadline, "only %s answered" % pids)
+            pids.add(int(server.talk()))
+        self.assertNotIn(server.process.pid, pids)
+        self.assertEqual(server.stop()[0], 0)
+        for pid in pids:
+            self.assertTrue(pid_gone(pid))
 
 
 if __name__ == "__main__":
