@@ -2909,9 +2909,12 @@ def free_port():
 class TestHAProxy(unittest.TestCase):
     """README's HAProxy configuration, run with the real haproxy and two servers."""
 
-    def setUp(self):
+    def start(self, version):
+        """Start the README's setup, with PROXY protocol version 1 or 2."""
         ports = {6504: free_port(), 7001: free_port(), 7002: free_port()}
         config = readme_code("backend servers")
+        if version == 1:
+            config = config.replace("send-proxy-v2", "send-proxy")
         for documented, port in ports.items():
             config = config.replace("127.0.0.1:%d" % documented, "127.0.0.1:%d" % port)
         directory = tempfile.mkdtemp()
@@ -2962,6 +2965,12 @@ class TestHAProxy(unittest.TestCase):
             return read_all(sock).decode().split(), sock.getsockname()[1]
 
     def test_a_server_stops_and_every_client_is_still_served(self):
+        for version in (1, 2):
+            with self.subTest(version=version):
+                self.start(version)
+                self.stop_one_while_clients_connect()
+
+    def stop_one_while_clients_connect(self):
         seen = set()
         for number in range(20):
             token = "before-%d" % number
