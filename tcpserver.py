@@ -2466,11 +2466,12 @@ def _command_listener(options: _Options) -> socket.socket:
 
 
 def _drop_privileges(options: _Options) -> None:
-    """Become -g GID and -u UID (after binding, as ucspi-tcp does)."""
-    if options.gid is not None:
+    """Become -g GID and -u UID (after binding; 0 or none leaves them, as
+    in ucspi-tcp)."""
+    if options.gid:
         os.setgroups([options.gid])
         os.setgid(options.gid)
-    if options.uid is not None:
+    if options.uid:
         os.setuid(options.uid)
 
 
