@@ -19,12 +19,17 @@ concurrent requests, diagnostics and a hard close of failed connections.
 
 The file reads top to bottom:
 
-- the exceptions a thunk may meet: IdleTimeout, LineTooLong;
-- hooks: tcp_listen(), tcp_accept(), tcp_addresses(), tcp_abandon();
+- the exceptions a thunk may meet: IdleTimeout, LineTooLong (and
+  ProxyHeaderError, which only the server meets);
+- hooks: tcp_listen(), systemd_listeners(), tcp_accept(), tcp_addresses(),
+  tcp_abandon(); the PROXY protocol's read_proxy_header();
 - per-thread standard streams and current_connection();
 - the handler adapter, ThunkHandler;
-- the server, ThreadingTCPServer, with TLS, limits and the drain;
-- the factory, make_tcp_server().
+- the server, ThreadingTCPServer, with TLS, the PROXY protocol, limits,
+  the drain and worker processes;
+- the factory, make_tcp_server();
+- the command line, ``python -m tcpserver`` (main()), after ucspi-tcp's
+  tcpserver.
 
 Thread model: serve_forever() runs the accept loop in the caller's thread.
 Before each accept it waits for one of max_requests slots, so clients
@@ -839,7 +844,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
     Methods for the caller: those of socketserver.ThreadingTCPServer, and
 
-    - __call__(debug=False, poll_interval=0.5): serve, the egg's way;
+    - __call__(debug=False, poll_interval=0.5, workers=None): serve, the
+      egg's way;
+    - serve_workers(workers, poll_interval=0.5): serve in worker processes;
     - from_listener(listener, RequestHandlerClass, **kwargs): a server on
       a socket that is already listening.
 
@@ -1197,8 +1204,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         Sends message to logging.getLogger("tcpserver") at level: DEBUG for
         each request's lines, INFO for the server's, WARNING for failures
         to accept.  Each request's lines are made, and this is called for
-        them, only while debug is on or the logger is enabled for DEBUG.  When debug is on, also writes ``[prefix] message`` to
-        sys.stderr.  Called from the accept thread and request threads.
+        them, only while debug is on or the logger is enabled for DEBUG.
+        When debug is on, also writes ``[prefix] message`` to sys.stderr.
+        Called from the accept thread and request threads.
         """
         shown = bool(self.debug) and sys.stderr is not None
         if shown:
