@@ -261,10 +261,15 @@ def systemd_listeners() -> List[socket.socket]:
         raise ValueError("LISTEN_FDS must be a number, not %r" % count)
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
-    listeners = []
-    for descriptor in range(3, 3 + int(count)):
-        os.set_inheritable(descriptor, False)
-        listeners.append(socket.socket(fileno=descriptor))
+    listeners = []  # type: List[socket.socket]
+    try:
+        for descriptor in range(3, 3 + int(count)):
+            os.set_inheritable(descriptor, False)
+            listeners.append(socket.socket(fileno=descriptor))
+    except OSError:
+        for listener in listeners:
+            listener.close()
+        raise
     return listeners
 
 
@@ -286,6 +291,8 @@ def tcp_accept(listener: socket.socket) -> Tuple[socket.socket, _Address]:
     tcp_addresses() does.
     """
     conn, peer = listener.accept()
+    if listener.gettimeout() == 0.0:  # serve_workers()' listener: on BSD
+        conn.setblocking(True)        # the connection would inherit that
     return conn, _plain_address(peer)
 
 
@@ -323,29 +330,32 @@ def tcp_abandon(conn: socket.socket) -> None:
 
 _PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _PROXY_V1_MAX = 107   # bytes of the longest version 1 line, CRLF included
-_PROXY_V2_MAX = 1024  # bytes of addresses and TLVs we accept after the 16
+_PROXY_V2_MAX = 16384  # bytes of addresses and TLVs we accept after the 16
 
 
-def read_proxy_header(conn: socket.socket
+def read_proxy_header(conn: socket.socket, timeout: Optional[float] = None
                       ) -> Optional[Tuple[_Address, _Address]]:
     """Read a PROXY protocol header (version 1 or 2) from conn.
 
     Returns the (local, peer) addresses it carries, the balancer's view of
     the client's connection, or None for a header that carries none
-    (version 2 LOCAL, as health checks send, or version 1 UNKNOWN): the
-    connection's own addresses stand then.  Reads exactly the header, so
-    what follows (a TLS handshake, the client's data) stays unread.
-    Raises ProxyHeaderError for a missing, malformed, truncated or
-    oversized header, and socket.timeout if conn's timeout runs out.
+    (version 2 LOCAL, as health checks send, or other than TCP over IP;
+    version 1 UNKNOWN): the connection's own addresses stand then.  Reads
+    exactly the header, so what follows (a TLS handshake, the client's
+    data) stays unread.  With a timeout, the whole header must arrive
+    within that many seconds; without, each read waits as conn's own
+    timeout says.  Raises ProxyHeaderError for a missing, malformed,
+    truncated or oversized header, and socket.timeout when time runs out.
     """
-    start = _read_exactly(conn, 12)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    start = _read_exactly(conn, 12, deadline)
     if start == _PROXY_V2_SIGNATURE:
-        head = _read_exactly(conn, 4)
+        head = _read_exactly(conn, 4, deadline)
         length = struct.unpack("!H", head[2:])[0]
         if length > _PROXY_V2_MAX:
             raise ProxyHeaderError("PROXY v2 header of %d bytes: too long"
                                    % length)
-        return _parse_proxy_v2(head, _read_exactly(conn, length))
+        return _parse_proxy_v2(head, _read_exactly(conn, length, deadline))
     if not start.startswith(b"PROXY "):
         raise ProxyHeaderError("no PROXY protocol header: the connection "
                                "began with %r" % (start,))
@@ -354,14 +364,21 @@ def read_proxy_header(conn: socket.socket
         if len(line) >= _PROXY_V1_MAX:
             raise ProxyHeaderError("PROXY v1 line longer than %d bytes"
                                    % _PROXY_V1_MAX)
-        line += _read_exactly(conn, 1)
+        line += _read_exactly(conn, 1, deadline)
     return _parse_proxy_v1(line)
 
 
-def _read_exactly(conn: socket.socket, count: int) -> bytes:
-    """Read count bytes from conn (bypassing TLS, if any: it comes after)."""
+def _read_exactly(conn: socket.socket, count: int,
+                  deadline: Optional[float]) -> bytes:
+    """Read count bytes from conn by deadline (bypassing TLS, if any: it
+    comes after the header)."""
     data = b""
     while len(data) < count:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            conn.settimeout(left)
         chunk = socket.socket.recv(conn, count - len(data))
         if not chunk:
             raise ProxyHeaderError("PROXY protocol header cut short after "
@@ -391,8 +408,9 @@ def _proxy_ip(field: bytes, version: int) -> str:
     """Return field as an IP address of version, or raise ValueError."""
     text = field.decode("ascii")
     address = ipaddress.ip_address(text)
-    if address.version != version or (version == 4 and str(address) != text):
-        raise ValueError(field)  # the wrong family, or 4 with leading zeros
+    if (address.version != version or "%" in text
+            or (version == 4 and str(address) != text)):
+        raise ValueError(field)  # wrong family, a scope, or leading zeros
     return str(address)
 
 
@@ -410,13 +428,12 @@ def _parse_proxy_v2(head: bytes, body: bytes
                     ) -> Optional[Tuple[_Address, _Address]]:
     """Return the addresses of a version 2 header, after its signature."""
     version, command = head[0] >> 4, head[0] & 0x0F
-    family = head[1] >> 4
     if version != 2 or command not in (0, 1):
         raise ProxyHeaderError("PROXY v2 header with version %d, command %d"
                                % (version, command))
-    if command == 0 or family not in (1, 2):
-        return None  # LOCAL (a health check), or no IP addresses: ours stand
-    size = 4 if family == 1 else 16
+    if command == 0 or head[1] not in (0x11, 0x21):
+        return None  # LOCAL (a health check), or not TCP over IP: ours stand
+    size = 4 if head[1] == 0x11 else 16
     if len(body) < 2 * size + 4:
         raise ProxyHeaderError("PROXY v2 addresses cut short: %d bytes"
                                % len(body))
@@ -926,12 +943,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._workers = set()    # type: Set[_Worker]  # request threads
         self._spare = []         # type: List[_Worker]  # waiting for a job
         self._closing = False    # server_close() has begun
-        self._tls = False        # the TLS hooks are in place
-        self._proxy = False      # the PROXY protocol hook is in place
-        if cls.ssl_context is not None:
-            self._serve_tls()
-        if cls.proxy_protocol:
-            self._serve_proxy_protocol()
+        self._install_hooks()
         return self
 
     def __init__(self, server_address: _Address, RequestHandlerClass: Any,
@@ -962,10 +974,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         if self.thunk is None and _runs_thunks(RequestHandlerClass):
             raise TypeError("thunk must be callable when RequestHandlerClass"
                             " is a ThunkHandler, not None")
-        if self.ssl_context is not None and not self._tls:
-            self._serve_tls()
-        if self.proxy_protocol and not self._proxy:
-            self._serve_proxy_protocol()
+        self._install_hooks()
         super().__init__(server_address, RequestHandlerClass, *args, **kwargs)
 
     def _check_settings(self) -> None:
@@ -989,27 +998,24 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                             "not %s" % type(self.ssl_context).__name__)
         self._trusted = _networks("trusted_proxies", self.trusted_proxies)
 
-    def _serve_tls(self) -> None:
-        """Put the TLS hooks in front of the TCP hooks, for this instance.
+    def _install_hooks(self) -> None:
+        """Put the TLS and PROXY protocol hooks in front of the class's hooks,
+        as ssl_context and proxy_protocol ask, for this instance.
 
-        Behind the PROXY protocol hook, if that is in place: the header
-        comes before the handshake.
+        Called at construction: from __new__ with the class's settings, and
+        again from __init__ with the keywords'.  The PROXY header comes
+        before the TLS handshake, so its hook goes in front.
         """
-        self._tcp_accept = self.accept_connection
-        self.accept_connection = self.tls_accept_connection
-        if self._proxy:
-            self._tcp_addresses = self._proxied_addresses
-            self._proxied_addresses = self.tls_get_addresses
-        else:
+        for name in ("accept_connection", "get_addresses"):
+            vars(self).pop(name, None)  # back to the class's hooks
+        if self.ssl_context is not None:
+            self._tcp_accept = self.accept_connection
             self._tcp_addresses = self.get_addresses
+            self.accept_connection = self.tls_accept_connection
             self.get_addresses = self.tls_get_addresses
-        self._tls = True
-
-    def _serve_proxy_protocol(self) -> None:
-        """Put the PROXY protocol hook in front of the others, for this instance."""
-        self._proxied_addresses = self.get_addresses
-        self.get_addresses = self.proxy_get_addresses
-        self._proxy = True
+        if self.proxy_protocol:
+            self._proxied_addresses = self.get_addresses
+            self.get_addresses = self.proxy_get_addresses
 
     def proxy_get_addresses(self, conn: socket.socket
                             ) -> Tuple[_Address, _Address]:
@@ -1027,8 +1033,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         """
         header = None
         if self._is_trusted(conn.getpeername()):
-            conn.settimeout(self.handshake_timeout)
-            header = read_proxy_header(conn)
+            header = read_proxy_header(conn, self.handshake_timeout)
             conn.settimeout(None)
         local, peer = self._proxied_addresses(conn)
         return header or (local, peer)
@@ -1131,26 +1136,32 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         its own threads and its own max_requests, until SIGTERM or SIGINT,
         then drains (server_close()) and exits 0.  This process supervises:
         a worker that dies is replaced; SIGTERM or SIGINT is passed on to
-        every worker (a second one makes them stop at once), and this
-        returns once all have ended.  Call it from the main thread, before
-        this process starts threads of its own (fork copies only the
-        caller's), then call server_close() here as usual.
+        every worker (a second one, half a second or more after the first,
+        makes them stop at once), and this returns once all have ended.
+        Call it from the main thread, before this process starts threads or
+        child processes of its own (fork copies only the caller's thread,
+        and the supervisor reaps any child), then call server_close() here
+        as usual.
         """
         _check_int("workers", workers, 1, 1024, "an int in 1..1024")
-        # Blocking accept() in a worker that lost the race for a connection
-        # would keep it from noticing shutdown().
-        self.socket.setblocking(False)
         running = {}  # type: Dict[int, float]  # pid -> when it started
         stopping = []  # the signals received, to pass on
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
 
         def pass_on(signum: int, frame: Any) -> None:
             stopping.append(signum)
-            for pid in running:
-                os.kill(pid, signal.SIGTERM)
+            for pid in list(running):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass  # it ended; the loop below reaps it
 
         previous = {number: signal.signal(number, pass_on)
-                    for number in (signal.SIGTERM, signal.SIGINT)}
-        stop_signals = {signal.SIGTERM, signal.SIGINT}
+                    for number in stop_signals}
+        # Blocking accept() in a worker that lost the race for a connection
+        # would keep it from noticing shutdown().
+        blocking = self.socket.getblocking()
+        self.socket.setblocking(False)
         try:
             while running or not stopping:
                 # Blocked until the new pids are in running, for pass_on().
@@ -1163,15 +1174,31 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 if not running:
                     break
                 pid, status = os.wait()
-                began = running.pop(pid)
-                if not stopping:
+                began = running.pop(pid, None)
+                if began is not None and not stopping:
                     self.log("worker %d ended (wait status %d); starting another"
                              % (pid, status), logging.WARNING)
                     if time.monotonic() - began < 1.0:
                         time.sleep(1.0)  # a worker that dies at once: no storm
         finally:
+            self._end_workers(running)
+            self.socket.setblocking(blocking)
             for number, handler in previous.items():
                 signal.signal(number, handler)
+
+    @staticmethod
+    def _end_workers(running: Dict[int, float]) -> None:
+        """After a failure in the supervisor: stop the workers, and reap them."""
+        for pid in running:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in running:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
 
     def _fork_worker(self, poll_interval: float) -> int:
         """Start one worker process; return its pid.  The worker never returns.
@@ -1186,13 +1213,19 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         stop_signals = {signal.SIGTERM, signal.SIGINT}
         code = 1
         try:
+            # The supervisor passes on a signal the worker may have had
+            # too (a stop of the whole process group): not a second one.
             _serve_until_signalled(self, poll_interval, ready=lambda: (
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)))
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)),
+                patience=0.5)
             code = 0
         except BaseException:
             traceback.print_exc()
         finally:
-            os._exit(code)  # never run the parent's code, or its atexit
+            _exit_now(code)  # never run the parent's code, or its atexit
+
+    def _exit_now_hook(self) -> None:
+        """What must not outlive the process when it stops at once: nothing here."""
 
     def _verbose(self, level: int) -> bool:
         """Return True if log() at level shows anywhere: worth formatting for."""
@@ -1614,29 +1647,32 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 def _serve_until_signalled(server: ThreadingTCPServer,
                            poll_interval: float = 0.5,
                            ready: Optional[Callable[[], None]] = None,
-                           at_once: Optional[Callable[[], None]] = None
-                           ) -> None:
+                           patience: float = 0.0) -> None:
     """Serve until SIGTERM or SIGINT, then drain with server_close().
 
     ready() is called once the signal handlers are in place.  A second
-    signal stops at once: at_once() (if given), then the process exits 0
+    signal (one that comes patience seconds or more after the first)
+    stops at once: server._exit_now_hook(), then the process exits 0
     whatever its threads are doing.  So does the end of the drain if
     request threads outlived it (a thunk that never returns), rather than
     hang at interpreter exit.  Main thread only, as signal handlers are;
     the previous handlers come back.
     """
     stop_signals = (signal.SIGTERM, signal.SIGINT)
+    first_at = []  # when the first signal came
 
     def first(signum: int, frame: Any) -> None:
+        first_at.append(time.monotonic())
         for number in stop_signals:
             signal.signal(number, second)
         # shutdown() waits for serve_forever(), so not from its thread.
         threading.Thread(target=server.shutdown, name="signal").start()
 
     def second(signum: int, frame: Any) -> None:
+        if time.monotonic() - first_at[0] < patience:
+            return  # the same stop, told twice
         server.log("a second signal: stopping at once", logging.WARNING)
-        if at_once is not None:
-            at_once()
+        server._exit_now_hook()
         _exit_now(0)
 
     previous = {number: signal.signal(number, first) for number in stop_signals}
@@ -2223,7 +2259,7 @@ class _CommandServer(ThreadingTCPServer):
                 killer.join()
             self.kill_children()
 
-    def kill_children_now(self) -> None:
+    def _exit_now_hook(self) -> None:
         """Kill every PROGRAM still running, without waiting: we are exiting."""
         for child in list(self._children):
             try:
@@ -2462,7 +2498,7 @@ def _command_listener(options: _Options) -> socket.socket:
         return tcp_listen(options.port, options.backlog, options.host)
     try:
         listeners = systemd_listeners()
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         raise _UsageError("--inherit: %s" % exc) from None
     if len(listeners) != 1:
         for listener in listeners:
@@ -2511,12 +2547,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stderr.write("tcpserver: fatal: unable to listen on %s port %d: %s\n"
                          % (options.host or "::", options.port, exc))
         return _EXIT_TEMPORARY
-    server = _CommandServer.from_listener(
-        listener, handler, options=options, thunk=thunk,
-        max_requests=options.limit, max_per_client=options.per_client,
-        timeout=options.timeout, drain_timeout=options.drain,
-        ssl_context=context, proxy_protocol=options.proxy_protocol,
-        trusted_proxies=options.trusted_proxies)
+    try:
+        server = _CommandServer.from_listener(
+            listener, handler, options=options, thunk=thunk,
+            max_requests=options.limit, max_per_client=options.per_client,
+            timeout=options.timeout, drain_timeout=options.drain,
+            ssl_context=context, proxy_protocol=options.proxy_protocol,
+            trusted_proxies=options.trusted_proxies)
+    except ValueError as exc:  # an inherited socket that is no TCP listener
+        listener.close()
+        sys.stderr.write("tcpserver: usage error: --inherit: %s (see --help)\n"
+                         % exc)
+        return _EXIT_USAGE
     try:
         _drop_privileges(options)
     except OSError as exc:
@@ -2535,8 +2577,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         server.serve_workers(options.workers)
         server.server_close()
     else:
-        _serve_until_signalled(server, ready=ready,
-                               at_once=server.kill_children_now)
+        _serve_until_signalled(server, ready=ready)
     return 0
 
 

@@ -2322,6 +2322,9 @@ class TestProxyHeader(unittest.TestCase):
             (proxy_v2(command=0, family=0), None),         # LOCAL: a health check
             (proxy_v2(command=0, addresses=ipv4), None),   # LOCAL with addresses: ignored
             (proxy_v2(family=0), None),                    # UNSPEC: ours stand
+            (proxy_v2(family=0x12, addresses=ipv4), None),  # UDP: not ours to use
+            (proxy_v2(addresses=ipv4, tlvs=b"\x04" + struct.pack("!H", 2000) + bytes(2000)),
+             (("192.168.0.11", 443), ("192.168.0.1", 56324))),  # a large TLV
         ]
         for header, expected in cases:
             with self.subTest(header=header):
@@ -2341,10 +2344,11 @@ class TestProxyHeader(unittest.TestCase):
             (b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n", "malformed"),
             (b"PROXY TCP4 1.2.3.04 5.6.7.8 1 2\r\n", "malformed"),
             (b"PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n", "malformed"),
+            (b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n", "malformed"),
             (V2 + b"\x31\x11\x00\x0c" + ipv4, "version 3"),
             (V2 + b"\x22\x11\x00\x0c" + ipv4, "command 2"),
             (V2 + b"\x21\x11\x00\x04" + ipv4[:4], "cut short"),
-            (V2 + b"\x21\x11\x04\x01", "too long"),
+            (V2 + b"\x21\x11\x40\x01", "too long"),
             (V2 + b"\x21\x11\x00\x0c" + ipv4[:5], "cut short after 5"),
             (V2[:7], "cut short after 7"),
         ]
@@ -2362,6 +2366,28 @@ class TestProxyHeader(unittest.TestCase):
             theirs.sendall(b"PROXY TCP4 1.2.3.4")
             with self.assertRaises(socket.timeout):
                 tcpserver.read_proxy_header(ours)
+
+    def test_the_timeout_bounds_the_whole_header(self):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            stop = threading.Event()
+
+            def trickle():  # a byte every 50 ms: no single read waits long
+                for byte in b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n":
+                    if stop.wait(0.05):
+                        return
+                    theirs.sendall(bytes([byte]))
+
+            thread = threading.Thread(target=trickle)
+            thread.start()
+            began = time.monotonic()
+            try:
+                with self.assertRaises(socket.timeout):
+                    tcpserver.read_proxy_header(ours, timeout=0.3)
+            finally:
+                stop.set()
+                thread.join(TIMEOUT)
+            self.assertLess(time.monotonic() - began, 1.0)
 
 
 class TestProxyProtocol(ServerTestCase):
@@ -2412,6 +2438,14 @@ class TestProxyProtocol(ServerTestCase):
         reply = self.talk(server, b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 6504\r\n")
         self.assertRegex(reply, rb"^\('127\.0\.0\.1', \d+\) \('127\.0\.0\.1', \d+\) "
                                 rb"PROXY TCP4 203\.0\.113\.7 192\.0\.2\.1 40000 6504\n$")
+
+    def test_keywords_win_over_the_class(self):
+        class ProxiedServer(tcpserver.ThreadingTCPServer):
+            proxy_protocol = True
+
+        server = self.serve(ProxiedServer(("127.0.0.1", 0), tcpserver.ThunkHandler,
+                                          thunk=lambda: print("plain"), proxy_protocol=False))
+        self.assertEqual(self.talk(server), b"plain\n")  # no header needed
 
     def test_bad_settings(self):
         for value, error in (("10.0.0.0/8", TypeError), (["10.0.0.0/33"], ValueError),
@@ -3035,6 +3069,22 @@ class TestSocketActivation(unittest.TestCase):
         self.assertEqual(result.returncode, 100)
         self.assertIn("--inherit needs one socket from systemd", result.stderr.decode())
 
+    def test_inherit_a_socket_that_cannot_serve(self):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram, \
+                socket.socket() as unlistened:
+            for sock, message in ((datagram, "must be a TCP socket"),
+                                  (unlistened, "must be listening")):
+                code = ("import os, sys; os.dup2(%d, 3); os.environ['LISTEN_PID'] = "
+                        "str(os.getpid()); import tcpserver; sys.exit(tcpserver.main("
+                        "['--inherit', 'cat']))" % sock.fileno())
+                result = subprocess.run([sys.executable, "-c", code], pass_fds=[sock.fileno()],
+                                        env=dict(os.environ, PYTHONPATH=HERE, LISTEN_FDS="1"),
+                                        capture_output=True, timeout=TIMEOUT)
+                with self.subTest(message=message):
+                    self.assertEqual(result.returncode, 100)
+                    self.assertRegex(result.stderr.decode(),
+                                     r"^tcpserver: usage error: --inherit: .*%s" % message)
+
 
 WORKERS_SCRIPT = """
 import os, sys, time
@@ -3111,6 +3161,50 @@ class TestWorkers(unittest.TestCase):
         self.assertEqual(echoed, "late")
         self.assertEqual(process.wait(TIMEOUT), 0)
         self.assertTrue(pid_gone(int(pid)))
+
+    def test_a_stop_of_the_whole_group_still_drains(self):
+        # systemd (KillMode=control-group) and Ctrl-C signal every process:
+        # each worker hears it twice, from the group and from the supervisor.
+        process = subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT, "2"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=dict(os.environ, PYTHONPATH=HERE), start_new_session=True)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(process.kill)
+        self.port = int(process.stdout.readline())
+        with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
+            self.pids_serving(2)
+            os.killpg(process.pid, signal.SIGTERM)
+            sock.sendall(b"late\n")
+            self.assertEqual(read_all(sock).decode().split()[1], "late")
+        self.assertEqual(process.wait(TIMEOUT), 0)
+        self.assertNotIn("stopping at once", process.stderr.read().decode())
+
+    def test_the_listener_is_as_it_was_afterwards(self):
+        # serve_workers() wants no threads before it, so a child process
+        # stops it: once a worker has served it, it sends SIGTERM.  The
+        # supervisor reaps that child too, and must not mind.
+        code = ("import os, subprocess, sys, tcpserver\n"
+                "server = tcpserver.make_tcp_server(('127.0.0.1', 0), print)\n"
+                "subprocess.Popen([sys.executable, '-c', sys.argv[1], "
+                "str(server.server_address[1]), str(os.getpid())])\n"
+                "server(workers=1)\n"
+                "print(server.socket.getblocking(), server.socket.gettimeout())\n"
+                "server.server_close()\n")
+        stopper = ("import os, signal, socket, sys, time\n"
+                   "deadline = time.monotonic() + 10\n"
+                   "while True:\n"
+                   "    try:\n"
+                   "        sock = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+                   "        break\n"
+                   "    except ConnectionRefusedError:\n"
+                   "        if time.monotonic() > deadline: raise\n"
+                   "sock.recv(10)\n"
+                   "os.kill(int(sys.argv[2]), signal.SIGTERM)\n")
+        result = subprocess.run([sys.executable, "-c", code, stopper], capture_output=True,
+                                timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=HERE))
+        self.assertEqual(result.stdout, b"True None\n", result.stderr)
+        self.assertEqual(result.returncode, 0)
 
     def test_bad_counts(self):
         server = tcpserver.make_tcp_server(("127.0.0.1", 0), print)
