@@ -2965,22 +2965,20 @@ class TestHAProxy(unittest.TestCase):
             args[args.index(str(documented))] = str(ports[documented])
             args[-1:] = ["sh", "-c", "read token; echo $token $TCPREMOTEIP $TCPREMOTEPORT " + name]
             self.servers[name] = CommandLine(self, ["-1"] + args)
-        self.haproxy = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
-        self.addCleanup(self.stop_haproxy)
-        self.haproxy_lines = []
-        self.reader = threading.Thread(target=self.read_haproxy, name="haproxy-stderr")
-        self.reader.start()
+        haproxy = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
+        self.haproxy_lines = lines = []
+        reader = threading.Thread(target=lambda: lines.extend(
+            line.decode(errors="replace") for line in haproxy.stderr), name="haproxy-stderr")
+        reader.start()
+        self.addCleanup(self.stop_haproxy, haproxy, reader)
 
-    def read_haproxy(self):
-        for line in self.haproxy.stderr:
-            self.haproxy_lines.append(line.decode(errors="replace"))
-
-    def stop_haproxy(self):
-        self.haproxy.terminate()
-        self.haproxy.wait(TIMEOUT)
-        self.reader.join(TIMEOUT)
-        self.haproxy.stderr.close()
+    @staticmethod
+    def stop_haproxy(haproxy, reader):
+        haproxy.terminate()
+        haproxy.wait(TIMEOUT)
+        reader.join(TIMEOUT)
+        haproxy.stderr.close()
 
     def client(self, token):
         """One client through the balancer; return (reply fields, our port)."""
