@@ -1150,11 +1150,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
         def pass_on(signum: int, frame: Any) -> None:
             stopping.append(signum)
-            for pid in list(running):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass  # it ended; the loop below reaps it
+            _stop_processes(list(running))
 
         previous = {number: signal.signal(number, pass_on)
                     for number in stop_signals}
@@ -1189,16 +1185,12 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     @staticmethod
     def _end_workers(running: Dict[int, float]) -> None:
         """After a failure in the supervisor: stop the workers, and reap them."""
-        for pid in running:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        _stop_processes(list(running))
         for pid in running:
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
-                pass
+                pass  # reaped already
 
     def _fork_worker(self, poll_interval: float) -> int:
         """Start one worker process; return its pid.  The worker never returns.
@@ -1690,6 +1682,15 @@ def _serve_until_signalled(server: ThreadingTCPServer,
         server.log("exiting while %s still run" % ", ".join(left),
                    logging.WARNING)
         _exit_now(0)
+
+
+def _stop_processes(pids: List[int]) -> None:
+    """Send SIGTERM to each process of pids that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # it ended; its parent reaps it
 
 
 def _exit_now(code: int) -> None:

@@ -3101,10 +3101,12 @@ print("supervisor done", flush=True)
 
 class TestWorkers(unittest.TestCase):
 
-    def start(self, workers):
+    def start(self, workers, own_group=False):
+        """Run WORKERS_SCRIPT (in a process group of its own if own_group)."""
         process = subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT, str(workers)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env=dict(os.environ, PYTHONPATH=HERE))
+                                   env=dict(os.environ, PYTHONPATH=HERE),
+                                   start_new_session=own_group)
         self.addCleanup(process.stderr.close)
         self.addCleanup(process.stdout.close)
         self.addCleanup(process.kill)
@@ -3163,13 +3165,7 @@ class TestWorkers(unittest.TestCase):
     def test_a_stop_of_the_whole_group_still_drains(self):
         # systemd (KillMode=control-group) and Ctrl-C signal every process:
         # each worker hears it twice, from the group and from the supervisor.
-        process = subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT, "2"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env=dict(os.environ, PYTHONPATH=HERE), start_new_session=True)
-        self.addCleanup(process.stderr.close)
-        self.addCleanup(process.stdout.close)
-        self.addCleanup(process.kill)
-        self.port = int(process.stdout.readline())
+        process = self.start(2, own_group=True)
         with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
             self.pids_serving(2)
             os.killpg(process.pid, signal.SIGTERM)
