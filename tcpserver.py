@@ -41,7 +41,7 @@ back.  server_close(), in the caller's thread, drains: it waits for the
 request threads, then resets the connections of those that do not end.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DEFAULT_BACKLOG",
