@@ -544,13 +544,32 @@ static int send_all(int fd, const char *data, size_t len)
     return 0;
 }
 
+/* Read fd to its end, count the operation begun at t0 (or its failure),
+   close fd; return when the end came. */
+static double read_to_end(struct worker *w, int fd, char *buf, size_t size,
+                          double t0)
+{
+    long long got = 0;
+    ssize_t n;
+    double t1;
+    while ((n = read(fd, buf, size)) > 0)
+        got += n;
+    t1 = now();
+    if (n < 0)
+        failed(w, &w->err_io, errno);
+    else if (got == 0)
+        failed(w, &w->err_empty, 0);
+    else
+        record(w, t0, t1, got);
+    close(fd);
+    return t1;
+}
+
 static void conn_loop(struct worker *w)
 {
     char buf[16384];
     while (now() < window_end) {
         double t0 = now();
-        long long got = 0;
-        ssize_t n;
         int fd = open_connection(w);
         if (fd < 0)
             continue;
@@ -559,15 +578,7 @@ static void conn_loop(struct worker *w)
             close(fd);
             continue;
         }
-        while ((n = read(fd, buf, sizeof buf)) > 0)
-            got += n;
-        if (n < 0)
-            failed(w, &w->err_io, errno);
-        else if (got == 0)
-            failed(w, &w->err_empty, 0);
-        else
-            record(w, t0, now(), got);
-        close(fd);
+        read_to_end(w, fd, buf, sizeof buf, t0);
     }
 }
 
@@ -610,23 +621,12 @@ static void bulk_read(struct worker *w)
     size_t size = 1 << 18;
     char *buf = malloc(size);
     double t0 = now();
-    long long got = 0;
-    ssize_t n;
     int fd = open_connection(w);
     if (fd < 0 || buf == NULL) {
         free(buf);
         return;
     }
-    while ((n = read(fd, buf, size)) > 0)
-        got += n;
-    bulk_seconds = now() - t0;
-    if (n < 0)
-        failed(w, &w->err_io, errno);
-    else if (got == 0)
-        failed(w, &w->err_empty, 0);
-    else
-        record(w, t0, now(), got);
-    close(fd);
+    bulk_seconds = read_to_end(w, fd, buf, size, t0) - t0;
     free(buf);
 }
 

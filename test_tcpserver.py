@@ -306,6 +306,17 @@ class TestHooks(ServerTestCase):
         self.stop(server)
         self.assertEqual(seen, ["accept", "addresses", "hard close"])
 
+    def serve_once_through(self, accept):
+        """Serve one client with accept as the accept hook; return the log records."""
+        records = []
+        self.log_to(records.append)
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), lambda: print("served"))
+        server.accept_connection = accept
+        self.serve(server)
+        self.assertEqual(self.talk(server), b"served\n")
+        self.stop(server)
+        return records
+
     def test_accept_errors_are_logged_once_and_backed_off(self):
         calls = []
 
@@ -315,13 +326,7 @@ class TestHooks(ServerTestCase):
                 raise OSError(errno.EMFILE, "Too many open files")
             return tcpserver.tcp_accept(listener)
 
-        records = []
-        self.log_to(records.append)
-        server = tcpserver.make_tcp_server(("127.0.0.1", 0), lambda: print("served"))
-        server.accept_connection = accept
-        self.serve(server)
-        self.assertEqual(self.talk(server), b"served\n")
-        self.stop(server)
+        records = self.serve_once_through(accept)
         warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
         self.assertEqual(warnings, ["accept failed: [Errno 24] Too many open files",
                                     "accept works again after 5 failures"])
@@ -338,13 +343,7 @@ class TestHooks(ServerTestCase):
                 raise ConnectionAbortedError(errno.ECONNABORTED, "Software caused connection abort")
             return tcpserver.tcp_accept(listener)
 
-        records = []
-        self.log_to(records.append)
-        server = tcpserver.make_tcp_server(("127.0.0.1", 0), lambda: print("served"))
-        server.accept_connection = accept
-        self.serve(server)
-        self.assertEqual(self.talk(server), b"served\n")
-        self.stop(server)
+        records = self.serve_once_through(accept)
         self.assertEqual([r for r in records if r.levelno >= logging.WARNING], [])
         self.assertEqual(len(calls), 4)
 
