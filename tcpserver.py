@@ -2284,22 +2284,32 @@ class _CommandServer(ThreadingTCPServer):
             child.wait()
 
 
-class _ProgramHandler(socketserver.BaseRequestHandler):
-    """Runs the command line's PROGRAM for one connection."""
+class _CommandConnection:
+    """One connection of the command line: counted, judged by the rules,
+    served by serve(), and logged with its number and raw wait status.
+    A mixin in front of a socketserver request handler class."""
 
     def handle(self) -> None:
         server = self.server
-        self.number = server.begin()  # the PROGRAM's pid, once it runs
+        self.number = server.begin()  # a PROGRAM's pid replaces it
         self.status = _EXIT_USAGE << 8  # what ucspi-tcp's denying child exits with
         try:
             admitted = server.admit(self.request, _bound.local_address,
                                     self.client_address, self.number)
             if admitted is not None:
-                self._run(*admitted)
+                self.serve(*admitted)
         finally:
             server.end(self.number, self.status)
 
-    def _run(self, variables: Dict[str, str], fields: str) -> None:
+    def serve(self, variables: Dict[str, str], fields: str) -> None:
+        """Serve an admitted connection; set number and status."""
+        raise NotImplementedError
+
+
+class _ProgramHandler(_CommandConnection, socketserver.BaseRequestHandler):
+    """Runs the command line's PROGRAM for one connection."""
+
+    def serve(self, variables: Dict[str, str], fields: str) -> None:
         """Run PROGRAM on the connection; note its pid and raw wait status."""
         server = self.server
         environment = dict(os.environ)
@@ -2436,23 +2446,14 @@ def _watch(selector: Any, stream: Any, read: bool, write: bool) -> None:
         selector.modify(stream, events)
 
 
-class _CallHandler(ThunkHandler):
+class _CallHandler(_CommandConnection, ThunkHandler):
     """Runs the command line's --call thunk for one connection."""
 
-    def handle(self) -> None:
-        server = self.server
-        number = server.begin()
-        status = _EXIT_USAGE << 8  # as for a denied PROGRAM
-        try:
-            admitted = server.admit(self.connection, self.local_address,
-                                    self.client_address, number)
-            if admitted is not None:
-                server.started(number, self.client_address, admitted[1])
-                status = 1 << 8  # as a PROGRAM that exits 1, if it raises
-                super().handle()
-                status = 0
-        finally:
-            server.end(number, status)
+    def serve(self, variables: Dict[str, str], fields: str) -> None:
+        self.server.started(self.number, self.client_address, fields)
+        self.status = 1 << 8  # as a PROGRAM that exits 1, if it raises
+        ThunkHandler.handle(self)
+        self.status = 0
 
 
 def _command_target(options: _Options) -> Tuple[Any, Optional[_Thunk]]:
