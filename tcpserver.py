@@ -276,9 +276,24 @@ def systemd_listeners() -> List[socket.socket]:
 def _plain_address(address: _Address) -> _Address:
     """Return an IPv4-mapped IPv6 address ('::ffff:1.2.3.4', ...) as IPv4."""
     if (isinstance(address, tuple) and len(address) == 4
-            and address[0].startswith("::ffff:") and "." in address[0]):
-        return (address[0][7:], address[1])
+            and address[0].startswith("::ffff:")):
+        host = address[0][7:]
+        if "." not in host:  # not as inet_ntop() spells it: ask ipaddress
+            host = _ip_text(ipaddress.ip_address(address[0]))
+        if "." in host:
+            return (host, address[1])
     return address
+
+
+def _ip_text(address: Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+             ) -> str:
+    """Return address as text, an IPv4-mapped IPv6 address as plain IPv4.
+
+    So a client on IPv4 has one spelling, whichever way its address came
+    (a dual-stack socket, a PROXY header): the one rules and logs expect.
+    """
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(address if mapped is None else mapped)
 
 
 def tcp_accept(listener: socket.socket) -> Tuple[socket.socket, _Address]:
@@ -411,7 +426,7 @@ def _proxy_ip(field: bytes, version: int) -> str:
     if (address.version != version or "%" in text
             or (version == 4 and str(address) != text)):
         raise ValueError(field)  # wrong family, a scope, or leading zeros
-    return str(address)
+    return _ip_text(address)
 
 
 def _proxy_port(field: bytes) -> int:
@@ -437,8 +452,8 @@ def _parse_proxy_v2(head: bytes, body: bytes
     if len(body) < 2 * size + 4:
         raise ProxyHeaderError("PROXY v2 addresses cut short: %d bytes"
                                % len(body))
-    source = str(ipaddress.ip_address(body[:size]))
-    destination = str(ipaddress.ip_address(body[size:2 * size]))
+    source = _ip_text(ipaddress.ip_address(body[:size]))
+    destination = _ip_text(ipaddress.ip_address(body[size:2 * size]))
     ports = struct.unpack("!HH", body[2 * size:2 * size + 4])
     return (destination, ports[1]), (source, ports[0])
 

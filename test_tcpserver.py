@@ -2329,6 +2329,17 @@ class TestProxyHeader(unittest.TestCase):
             with self.subTest(header=header):
                 self.assertEqual(self.read(header), (expected, b"rest"))
 
+    def test_ipv4_mapped_sources_are_plain_ipv4(self):
+        # HAProxy bound to ":::PORT v4v6" sends its IPv4 clients this way.
+        mapped = socket.inet_pton(socket.AF_INET6, "::ffff:192.0.2.7") \
+            + socket.inet_pton(socket.AF_INET6, "::ffff:192.0.2.1") + struct.pack("!HH", 1, 2)
+        expected = (("192.0.2.1", 2), ("192.0.2.7", 1))
+        for header in (b"PROXY TCP6 ::ffff:192.0.2.7 ::ffff:192.0.2.1 1 2\r\n",
+                       b"PROXY TCP6 ::ffff:c000:207 ::FFFF:C000:201 1 2\r\n",
+                       proxy_v2(family=0x21, addresses=mapped)):
+            with self.subTest(header=header):
+                self.assertEqual(self.read(header), (expected, b"rest"))
+
     def test_bad_headers(self):
         ipv4 = bytes(12)
         cases = [
@@ -2410,6 +2421,13 @@ class TestProxyProtocol(ServerTestCase):
         self.stop(server)
         self.assertIn("request 1 from 203.0.113.7;", stderr.getvalue())
         self.assertEqual(server.stats()["completed"], 2)
+
+    def test_an_ipv4_mapped_source_is_the_ipv4_client(self):
+        seen = []
+        server = self.start_proxied(
+            lambda: seen.append(tcpserver.current_connection().client_address))
+        self.talk(server, b"PROXY TCP6 ::ffff:192.0.2.7 ::ffff:192.0.2.1 40000 6504\r\n")
+        self.assertEqual(seen, [("192.0.2.7", 40000)])
 
     def test_bad_headers_close_that_connection_only(self):
         stderr = self.capture("stderr")
