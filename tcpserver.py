@@ -1454,7 +1454,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self.finish_request(request, peer)
         except BaseException as exc:
             kind = self._failure_kind(request, exc, started)
-            outcome = "%s, %s: %s" % (kind, type(exc).__name__, exc)
+            outcome = "%s, %s" % (kind, _describe(exc))
             if not isinstance(exc, Exception):
                 raise
             if kind == "error":
@@ -1489,6 +1489,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     def _failure_kind(self, request: socket.socket, exc: BaseException,
                       started: bool) -> str:
         """Name what ended a request: a kind of _RESET_KINDS, or "client gone", "setup failed"."""
+        with self._lock:
+            if request in self._drained:  # what failed is server_close()'s doing
+                return "drained"
         if self.client_gone(request, exc):
             return "client gone"
         if isinstance(exc, OSError) and not started:
@@ -1624,6 +1627,10 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                    if not worker.thread.daemon]
         if _join(threads, self.drain_timeout):
             return
+        with self._lock:
+            running = len(self._open)
+        self.log("resetting %d requests still running after the %s s drain"
+                 % (running, self.drain_timeout), logging.WARNING)
         # SHUT_RD wakes blocked reads without sending FIN, so the client sees
         # only the reset; SHUT_RDWR then wakes writes blocked on the client.
         for how in (socket.SHUT_RD, socket.SHUT_RDWR):
@@ -1639,8 +1646,6 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         with self._lock:
             requests = list(self._open)
             self._drained.update(requests)
-        self.log("resetting %d requests still running after the %s s drain"
-                 % (len(requests), self.drain_timeout), logging.WARNING)
         for request in requests:
             try:
                 self.prepare_hard_close(request)
@@ -1747,6 +1752,15 @@ def _runs_thunks(handler_class: Any) -> bool:
     """Return True if handler_class is a ThunkHandler (it may be a partial)."""
     return isinstance(handler_class, type) and issubclass(handler_class,
                                                           ThunkHandler)
+
+
+def _describe(exc: BaseException) -> str:
+    """Return "Type: message" for a diagnostic line, whatever exc's __str__ does."""
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not hide the failure
+        message = "<exception str() failed>"
+    return "%s: %s" % (type(exc).__name__, message)
 
 
 def _host(address: _Address) -> str:

@@ -1121,6 +1121,27 @@ class TestErrors(ServerTestCase):
         self.stop(server)
         self.assertIn("finished (error, SystemExit: 3)", stderr.getvalue())
 
+    def test_an_exception_whose_str_raises_is_still_an_error(self):
+        stderr = self.capture("stderr")
+
+        class Unprintable(Exception):
+            def __str__(self):
+                raise ValueError("no text for this one")
+
+        def thunk():
+            if input() == "boom":
+                raise Unprintable()
+            print("fine")
+
+        server = self.start(thunk, debug=True)
+        self.assert_reset(server, b"boom\n")
+        self.assertEqual(self.talk(server, b"next\n"), b"fine\n")
+        self.stop(server)
+        log = stderr.getvalue()
+        self.assertIn("tcpserver-1 finished (error, Unprintable: <exception str() failed>)", log)
+        self.assertIn("Traceback", log)  # handle_error() ran
+        self.assertEqual(server.stats()["failed"], 1)
+
     def test_debug_lines(self):
         for debug, prefix in [(True, "tcp-server"), ("myname", "myname")]:
             with self.subTest(debug=debug):
@@ -1446,6 +1467,26 @@ class TestDrain(ServerTestCase):
         self.assertEqual(server.stats()["active"], 0)
         with self.assertRaises(ConnectionResetError):
             read_all(sock)
+
+    def test_a_drained_writer_costs_one_line_and_no_traceback(self):
+        stderr = self.capture("stderr")
+        started = threading.Event()
+
+        def thunk():  # the client never reads: the write blocks
+            started.set()
+            while True:
+                sys.stdout.buffer.write(b"x" * 65536)
+
+        server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk,
+                                                      drain_timeout=0.1), debug=True)
+        sock = self.connect(server)
+        self.assertTrue(started.wait(TIMEOUT))
+        self.stop(server)
+        log = stderr.getvalue()
+        self.assertIn("tcpserver-1 finished (drained, reset by server_close())", log)
+        self.assertNotIn("Traceback", log)
+        self.assertEqual(server.stats()["failed"], 1)
+        sock.close()
 
     def test_requests_may_finish_during_the_drain(self):
         started = threading.Event()
