@@ -98,7 +98,7 @@ DEFAULT_PREFIX = "tcp-server"
 #: Seconds server_close() lets running requests finish before resetting them.
 DEFAULT_DRAIN_TIMEOUT = 10.0
 
-#: Longest line, in characters, a thunk reads from sys.stdin.
+#: Longest line a thunk reads: characters from sys.stdin, bytes from its buffer.
 DEFAULT_MAX_LINE = 64 * 1024
 
 #: Seconds a TLS client has to complete its handshake.
@@ -191,12 +191,13 @@ class IdleTimeout(socket.timeout):
 
 
 class LineTooLong(ValueError):
-    """A line from the client is longer than the server's max_line characters.
+    """A line from the client is longer than the server's max_line.
 
-    Raised by sys.stdin.readline(), input() and iteration over sys.stdin
-    once max_line characters arrived without a line end; the characters
-    read so far are dropped, and reading goes on after them.  Uncaught, it
-    ends the request with one diagnostic line and a reset.
+    Raised by input(), readline(), readlines() and iteration, on sys.stdin
+    once max_line characters arrived without a line end, on
+    sys.stdin.buffer once max_line bytes did; what was read of the line so
+    far is dropped, and reading goes on after it.  Uncaught, it ends the
+    request with one diagnostic line and a reset.
     """
 
 
@@ -728,24 +729,103 @@ def _raw_writer(sock: socket.socket) -> io.RawIOBase:
     return _SocketWriter(sock)
 
 
-class _TextReader(io.TextIOWrapper):
-    """sys.stdin of a thunk: readline() refuses lines over max_line characters.
+class _CappedLines:
+    """readline() that refuses lines longer than max_line (None: no cap).
 
-    input() and iteration over the stream go through readline(), so one
-    check covers them all, and memory stays bounded by max_line.
+    A mixin in front of io.BufferedReader (max_line counts bytes) or
+    io.TextIOWrapper (characters).  Iteration and readlines() go through
+    readline(), so one check covers them, and memory stays bounded by
+    max_line.  The part of a refused line read so far is dropped.
     """
 
     max_line = None  # type: Optional[int]
 
-    def readline(self, size: int = -1) -> str:
+    def readline(self, size: int = -1) -> Any:
         limit = self.max_line
         if limit is None or 0 <= size <= limit:
-            return super().readline(size)
-        line = super().readline(limit + 1)
-        if len(line) > limit and not line.endswith("\n"):
-            raise LineTooLong("line longer than max_line=%d characters"
-                              % limit)
+            return super().readline(size)  # type: ignore[misc]
+        line = super().readline(limit + 1)  # type: ignore[misc]
+        if len(line) > limit and line[-1:] not in ("\n", b"\n"):
+            raise LineTooLong("line longer than max_line=%d %s" % (
+                limit, "bytes" if isinstance(line, bytes) else "characters"))
         return line
+
+
+class _BinaryReader(_CappedLines, io.BufferedReader):
+    """sys.stdin.buffer of a thunk: readline() capped at max_line bytes."""
+
+
+class _LineEnds(io.BufferedIOBase):
+    """Reads a binary stream with each CR and CRLF turned into LF.
+
+    Sits between sys.stdin.buffer and the text layer of a thunk's stdin,
+    so a line the client ends with a bare CR is answered at once, as the
+    egg's read-line does: the text layer's own universal newlines would
+    wait for the next byte to see whether LF follows.  Only for encodings
+    in which the bytes CR and LF always mean those characters.
+    """
+
+    def __init__(self, stream: io.BufferedReader) -> None:
+        super().__init__()
+        self._stream = stream
+        self._after_cr = False  # the last byte read was CR: drop one LF
+
+    def readable(self) -> bool:
+        return True
+
+    def read1(self, size: int = -1) -> bytes:
+        data = self._stream.read1(size)
+        if not self._after_cr and b"\r" not in data:
+            return data  # the common case: nothing to change
+        return self._translated(data, self._stream.read1, size)
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        return self._translated(self._stream.read(size), self._stream.read,
+                                size)
+
+    def _translated(self, data: bytes, read: Callable[[Any], bytes],
+                    size: Any) -> bytes:
+        """Return data with CR and CRLF as LF, reading on with read(size)
+        if all it held was the LF of a CRLF split between two reads."""
+        if self._after_cr and data.startswith(b"\n"):
+            data = data[1:]
+            self._after_cr = False
+            if not data:
+                data = read(size)  # b"" would mean the end of input
+        if data:
+            self._after_cr = data.endswith(b"\r")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        return data
+
+    def close(self) -> None:
+        super().close()
+        self._stream.close()
+
+
+def _cr_is_a_byte(encoding: str) -> bool:
+    """Does encoding write CR and LF as the single bytes 13 and 10?"""
+    return "\r\n".encode(encoding) == b"\r\n"
+
+
+class _TextReader(_CappedLines, io.TextIOWrapper):
+    """sys.stdin of a thunk: readline() capped at max_line characters.
+
+    Its buffer attribute is the binary stream of the connection, whatever
+    stands in between (_LineEnds).
+    """
+
+    def __init__(self, binary: io.BufferedReader, encoding: str,
+                 errors: str) -> None:
+        self._binary = binary
+        if _cr_is_a_byte(encoding):
+            super().__init__(_LineEnds(binary), encoding=encoding,
+                             errors=errors, newline="\n")
+        else:  # universal newlines: a bare CR waits for the next character
+            super().__init__(binary, encoding=encoding, errors=errors)
+
+    @property
+    def buffer(self) -> io.BufferedReader:  # type: ignore[override]
+        return self._binary
 
 
 class ThunkHandler(socketserver.StreamRequestHandler):
@@ -816,8 +896,9 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     def rfile(self) -> io.BufferedReader:  # type: ignore[override]
         """The binary input stream, sys.stdin.buffer (made on first use)."""
         if self._rfile is None:
-            self._rfile = io.BufferedReader(
+            self._rfile = _BinaryReader(
                 _SocketReader(self.connection, self.stdout), self.rbufsize)
+            self._rfile.max_line = self.server.max_line
         return self._rfile
 
     @property

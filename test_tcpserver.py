@@ -808,6 +808,39 @@ class TestStreams(ServerTestCase):
         self.assertEqual(self.talk(self.start(thunk), b"a\nb\r\nc\rd\n"),
                          b"['a', 'b', 'c', 'd']\n")
 
+    def test_a_bare_cr_ends_a_line_at_once(self):
+        def thunk():
+            for _ in range(4):
+                print(repr(input()))
+
+        server = self.start(thunk)
+        with self.connect(server) as sock:
+            sock.settimeout(1.0)  # the line must come without another byte
+            for sent, expected in ((b"a\r", b"'a'\n"), (b"\nb\r\n", b"'b'\n"),
+                                   (b"\r\n", b"''\n"), (b"c\n", b"'c'\n")):
+                sock.sendall(sent)
+                self.assertEqual(read_exactly(sock, len(expected)), expected, sent)
+
+    def test_line_ends_of_an_encoding_without_single_byte_cr(self):
+        class UTF16Handler(tcpserver.ThunkHandler):
+            encoding = "utf-16-le"
+
+        def thunk():
+            print([input() for _ in range(4)])
+
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), UTF16Handler,
+                                                         thunk=thunk))
+        reply = self.talk(server, "a\nb\r\nc\r\u20acd\n".encode("utf-16-le"))
+        self.assertEqual(reply.decode("utf-16-le"), "['a', 'b', 'c', '\u20acd']\n")
+
+    def test_the_binary_stream_keeps_every_cr(self):
+        def thunk():
+            assert sys.stdin.buffer is tcpserver.current_connection().rfile
+            sys.stdout.buffer.write(sys.stdin.buffer.read())
+
+        reply = self.talk(self.start(thunk), b"a\r\nb\r\r\nc\r")
+        self.assertEqual(reply, b"a\r\nb\r\r\nc\r")
+
     def test_surrogateescape_round_trip(self):
         class BytesHandler(tcpserver.ThunkHandler):
             decode_errors = encode_errors = "surrogateescape"
@@ -1625,6 +1658,26 @@ class TestMaxLine(ServerTestCase):
         self.stop(server)
         self.assertIn("finished (line too long, LineTooLong: ", stderr.getvalue())
         self.assertNotIn("Traceback", stderr.getvalue())
+
+    def test_binary_readline_is_capped_in_bytes(self):
+        def thunk():
+            binary = sys.stdin.buffer
+            try:
+                binary.readline()
+            except tcpserver.LineTooLong as exc:
+                print("too long:", exc)
+            print(len(binary.readline()), len(binary.readline(10)), binary.readline())
+            try:
+                for line in binary:
+                    pass
+            except tcpserver.LineTooLong:
+                print("iteration is capped too")
+
+        server = self.start(thunk)
+        reply = self.talk(server, b"a" * 70000 + b"\n" + b"b" * 20 + b"\nok\n" + b"c" * 70000)
+        self.assertEqual(reply, b"too long: line longer than max_line=65536 bytes\n"
+                                b"%d 10 b'bbbbbbbbbb\\n'\n"
+                                b"iteration is capped too\n" % (70000 - 65537 + 1))
 
     def test_max_line_none_lifts_the_cap(self):
         server = self.serve(tcpserver.make_tcp_server(
