@@ -72,6 +72,7 @@ import io
 import ipaddress
 import logging
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -111,7 +112,8 @@ _RESET_GRACE = 2.0
 _STATS = ("completed", "failed", "refused", "peak_active")
 
 # How a request may end that earns its connection a reset (RST).
-_RESET_KINDS = frozenset(("error", "timed out", "line too long", "drained"))
+_RESET_KINDS = frozenset(("error", "timed out", "line too long", "drained",
+                          "TLS error"))
 
 # Marks a keyword argument left out, where None is a value of its own.
 _UNSET = object()
@@ -470,6 +472,7 @@ class _Bound(threading.local):
 
     handler = None  # type: Optional[ThunkHandler]
     local_address = None  # type: Optional[_Address]
+    tls_error = None  # type: Optional[OSError]  # the connection's, if it failed
 
 
 _bound = _Bound()
@@ -717,14 +720,104 @@ class _SocketWriter(io.RawIOBase):
         return self._sock.fileno()
 
 
-def _raw_writer(sock: socket.socket) -> io.RawIOBase:
-    """Return an unbuffered binary writer on sock.
+def _is_tls(sock: socket.socket) -> bool:
+    """Is sock an ssl.SSLSocket?  (Without importing ssl for plain servers.)"""
+    return hasattr(sock, "unwrap")
+
+
+if hasattr(select, "poll"):
+    def _ready(sock: socket.socket, read: bool,
+               timeout: Optional[float]) -> bool:
+        """Wait up to timeout seconds (None: no limit) for sock to be
+        readable (or writable); return False if time ran out."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN if read else select.POLLOUT)
+        return bool(poller.poll(None if timeout is None else timeout * 1000))
+else:  # Windows: select() has no descriptor limit there
+    def _ready(sock: socket.socket, read: bool,
+               timeout: Optional[float]) -> bool:
+        """Wait up to timeout seconds (None: no limit) for sock to be
+        readable (or writable); return False if time ran out."""
+        waiting = [sock]
+        return any(select.select(waiting if read else [],
+                                 [] if read else waiting, [], timeout)[:2])
+
+
+def _tls_call(sock: Any, call: Callable[[Any], int], data: Any,
+              timeout: Optional[float], silent: str) -> int:
+    """Return call(data), a read or write on the TLS connection sock.
+
+    With a timeout, sock is non-blocking and this waits up to timeout
+    seconds for each step of progress the TLS layer needs (SSLWantRead or
+    SSLWantWriteError), not for the whole call: a client that moves
+    steadily is never cut, one that stalls gets IdleTimeout ("the client
+    <silent> nothing ...").  An ssl.SSLError is remembered as the client's
+    doing (a corrupt record, say), for the server's diagnostics.
+    """
+    import ssl  # sock is an SSLSocket: ssl is imported already
+    while True:
+        try:
+            return call(data)
+        except ssl.SSLWantReadError:
+            read = True
+        except ssl.SSLWantWriteError:
+            read = False
+        except ssl.SSLError as exc:
+            _bound.tls_error = exc
+            raise
+        if not _ready(sock, read, timeout):
+            raise IdleTimeout("the client %s nothing for %s seconds"
+                              % (silent, timeout))
+
+
+class _TLSReader(_SocketReader):
+    """_SocketReader for a TLS connection: see _tls_call()."""
+
+    def __init__(self, sock: socket.socket, output: io.TextIOBase,
+                 timeout: Optional[float]) -> None:
+        super().__init__(sock, output)
+        self._timeout = timeout
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._output.closed:
+            self._output.flush()
+        count = _tls_call(self._sock, self._sock.recv_into, buffer,
+                          self._timeout, "sent")
+        self.at_eof = count == 0
+        return count
+
+
+class _TLSWriter(_SocketWriter):
+    """_SocketWriter for a TLS connection: see _tls_call()."""
+
+    def __init__(self, sock: socket.socket, timeout: Optional[float]) -> None:
+        super().__init__(sock)
+        self._timeout = timeout
+
+    def write(self, data: Any) -> int:
+        return _tls_call(self._sock, self._sock.send, data, self._timeout,
+                         "read")
+
+
+def _raw_reader(sock: socket.socket, output: io.TextIOBase,
+                timeout: Optional[float]) -> io.RawIOBase:
+    """Return an unbuffered binary reader on sock, whose timeout is timeout."""
+    if _is_tls(sock):
+        return _TLSReader(sock, output, timeout)
+    return _SocketReader(sock, output)
+
+
+def _raw_writer(sock: socket.socket, timeout: Optional[float]
+                ) -> io.RawIOBase:
+    """Return an unbuffered binary writer on sock, whose timeout is timeout.
 
     A plain blocking socket gets a FileIO on its descriptor: write() in C,
     no Python call per flush.  A socket with a timeout (whose descriptor is
     non-blocking) or a TLS socket needs the socket's own send().
     """
-    if type(sock) is socket.socket and sock.gettimeout() is None:
+    if _is_tls(sock):
+        return _TLSWriter(sock, timeout)
+    if type(sock) is socket.socket and timeout is None:
         return io.FileIO(sock.fileno(), "wb", closefd=False)
     return _SocketWriter(sock)
 
@@ -837,8 +930,9 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     Output is flushed at every newline (unless line_buffering is False),
     before every read that has to wait for the client, and when the thunk
     returns.  Reads and writes raise IdleTimeout after the server's
-    idle_timeout without progress; a line longer than the server's max_line
-    raises LineTooLong.  An EOFError from input() at the end of the client's input
+    idle_timeout without progress (over TLS too: the connection socket is
+    then non-blocking, and the streams wait); a line longer than the
+    server's max_line raises LineTooLong.  An EOFError from input() at the end of the client's input
     that escapes the thunk ends the request normally.  Any other exception
     propagates to the server, which logs it and resets the connection.
 
@@ -884,8 +978,13 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         if self.disable_nagle_algorithm:
             self.connection.setsockopt(socket.IPPROTO_TCP,
                                        socket.TCP_NODELAY, True)
-        self.wfile = io.BufferedWriter(_raw_writer(self.connection),
-                                       self.wbufsize)
+        self._timeout = self.connection.gettimeout()
+        if _is_tls(self.connection) and self._timeout is not None:
+            # The ssl module would give each TLS call the whole timeout,
+            # however steadily the client moves: the streams wait instead.
+            self.connection.settimeout(0.0)
+        self.wfile = io.BufferedWriter(
+            _raw_writer(self.connection, self._timeout), self.wbufsize)
         self.stdout = io.TextIOWrapper(self.wfile, encoding=self.encoding,
                                        errors=self.encode_errors,
                                        newline=self.newline,
@@ -897,7 +996,8 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         """The binary input stream, sys.stdin.buffer (made on first use)."""
         if self._rfile is None:
             self._rfile = _BinaryReader(
-                _SocketReader(self.connection, self.stdout), self.rbufsize)
+                _raw_reader(self.connection, self.stdout, self._timeout),
+                self.rbufsize)
             self._rfile.max_line = self.server.max_line
         return self._rfile
 
@@ -1541,7 +1641,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             if kind == "error":
                 self.handle_error(request, peer)
         finally:
-            _bound.local_address = None
+            _bound.local_address = _bound.tls_error = None
             with self._lock:
                 if request in self._drained:
                     self._drained.discard(request)
@@ -1573,6 +1673,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         with self._lock:
             if request in self._drained:  # what failed is server_close()'s doing
                 return "drained"
+        if exc is _bound.tls_error:
+            return "TLS error"  # the client's records, not the handler's bug
         if self.client_gone(request, exc):
             return "client gone"
         if isinstance(exc, OSError) and not started:
@@ -1643,7 +1745,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         close_notify tells a TLS client the reply is complete; it is sent
         without waiting for the client's own.
         """
-        if hasattr(request, "unwrap"):  # an ssl.SSLSocket
+        if _is_tls(request):
             try:
                 request.settimeout(0)
                 request.unwrap()

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -69,6 +70,36 @@ def read_exactly(sock, count):
             break
         data += chunk
     return data
+
+
+def exchange(sock, data):
+    """Send data, end our side, return all the peer sent back.
+
+    A peer that refuses a connection may close it before it reads what we
+    send, and, as data was left unread, reset it: our send or shutdown
+    then fails (EPIPE, ECONNRESET, ENOTCONN), and what the peer sent
+    before its close is still its whole answer.  A reset that does not
+    come first is still raised.
+    """
+    closed_first = False
+    try:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+            raise
+        closed_first = True
+    chunks = []
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except ConnectionResetError:
+        if not closed_first:
+            raise
+    return b"".join(chunks)
 
 
 def reset(sock):
@@ -140,9 +171,7 @@ class ServerTestCase(unittest.TestCase):
     def talk(self, server, data=b""):
         """Send data, close our side, return all the server sent back."""
         with socket.create_connection(self.address(server), timeout=TIMEOUT) as sock:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-            return read_all(sock)
+            return exchange(sock, data)
 
     def assert_reset(self, server, data=b"", end_input=False):
         """Send data (then end our side if end_input), expect a reset."""
@@ -151,7 +180,11 @@ class ServerTestCase(unittest.TestCase):
             with socket.create_connection(self.address(server), timeout=TIMEOUT) as sock:
                 sock.sendall(data)
                 if end_input:
-                    sock.shutdown(socket.SHUT_WR)
+                    try:
+                        sock.shutdown(socket.SHUT_WR)
+                    except OSError as exc:  # reset already: recv() says so
+                        if exc.errno != errno.ENOTCONN:
+                            raise
                 read_all(sock)
 
     def log_to(self, emit):
@@ -1406,6 +1439,149 @@ class TestTLS(ServerTestCase):
         self.assertEqual(server.stats()["failed"], 1)
         self.assertIn("finished (setup failed, SSLError", stderr.getvalue())
 
+    def tls_over(self, sock):
+        """Handshake over the plain socket sock with an ssl.SSLObject; return it.
+
+        So a test can send the TLS records it writes as it likes: in pieces,
+        or corrupted.  pull() feeds what the server sent into it.
+        """
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ssl.create_default_context(cafile=self.cert).wrap_bio(
+            incoming, outgoing, server_hostname="localhost")
+        tls.push = lambda: sock.sendall(outgoing.read())
+        tls.pull = lambda: incoming.write(sock.recv(65536) or b"")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                tls.push()
+                tls.pull()
+        tls.push()
+        tls.records = outgoing.read
+        return tls
+
+    def test_a_steady_reader_is_not_cut_by_the_idle_timeout(self):
+        class SmallBuffers(tcpserver.ThunkHandler):
+            def setup(self):  # so the reply cannot hide in the kernel's buffers
+                self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+                super().setup()
+
+        size = 10 ** 6
+        server = self.serve(tcpserver.ThreadingTCPServer(
+            ("127.0.0.1", 0), SmallBuffers, thunk=lambda: sys.stdout.buffer.write(b"x" * size),
+            ssl_context=self.server_context(), timeout=0.2))
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        raw.settimeout(TIMEOUT)
+        raw.connect(server.server_address)
+        with ssl.create_default_context(cafile=self.cert).wrap_socket(
+                raw, server_hostname="localhost") as sock:
+            received = 0
+            while True:  # 64 KiB every 20 ms: about 0.3 s for all, no pause near 0.2 s
+                step = 0
+                while step < 65536:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    step += len(chunk)
+                received += step
+                if step < 65536:
+                    break
+                time.sleep(0.02)
+        self.assertEqual(received, size)
+        self.stop(server)
+        self.assertEqual(server.stats()["completed"], 1)
+
+    def test_a_record_sent_in_pieces_is_not_cut_by_the_idle_timeout(self):
+        server = self.start_tls(lambda: print(len(input())), timeout=0.25)
+        with self.connect(server) as sock:
+            tls = self.tls_over(sock)
+            tls.write(b"y" * 3000 + b"\n")  # one record
+            record = tls.records()
+            for start in range(0, len(record), 400):  # 8 pieces, 0.1 s apart
+                sock.sendall(record[start:start + 400])
+                time.sleep(0.1)
+            reply = b""
+            while not reply.endswith(b"\n"):
+                try:
+                    reply += tls.read(100)
+                except ssl.SSLWantReadError:
+                    tls.pull()
+            self.assertEqual(reply, b"3000\n")
+
+    def test_a_silent_tls_client_still_times_out(self):
+        server = self.start_tls(lambda: print(input()), timeout=0.2)
+        with self.tls_connect(server) as sock:
+            began = time.monotonic()
+            with self.assertRaises(OSError):  # a reset, or the ssl module's view of it
+                read_all(sock)
+            self.assertLess(time.monotonic() - began, 3.0)
+        self.stop(server)
+        self.assertEqual(server.stats()["failed"], 1)
+
+    def test_a_corrupt_record_costs_one_line_and_a_reset(self):
+        stderr = self.capture("stderr")
+        server = self.start_tls(lambda: print(input()), debug=True)
+        with self.connect(server) as sock:
+            self.tls_over(sock)
+            # An application data record whose contents decrypt to nothing.
+            sock.sendall(b"\x17\x03\x03\x00\x40" + bytes(range(64)))
+            with self.assertRaises(ConnectionResetError):
+                read_all(sock)
+        self.stop(server)
+        log = stderr.getvalue()
+        self.assertRegex(log, r"tcpserver-1 finished \(TLS error, SSLError: .*\)")
+        self.assertNotIn("Traceback", log)
+        self.assertEqual(server.stats()["failed"], 1)
+
+    def test_a_renegotiation_attempt_costs_one_line_and_a_reset(self):
+        stderr = self.capture("stderr")
+
+        def thunk():
+            while True:
+                print("echo", input())
+
+        server = self.start_tls(thunk, debug=True)
+        client = subprocess.Popen(
+            ["openssl", "s_client", "-tls1_2", "-connect", "127.0.0.1:%d" % server.server_address[1]],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.addCleanup(client.stdout.close)
+        self.addCleanup(client.stdin.close)
+        killer = threading.Timer(TIMEOUT, client.kill)  # bounds the reads below
+        killer.start()
+        try:
+            client.stdin.write(b"hello\n")
+            client.stdin.flush()
+            for line in client.stdout:  # the handshake's report, then the echo
+                if line == b"echo hello\n":
+                    break
+            client.stdin.write(b"R\n")  # s_client's command: renegotiate
+            client.stdin.flush()
+            self.assertIn(b"RENEGOTIATING", client.stdout.read())
+            client.wait(TIMEOUT)
+        finally:
+            killer.cancel()
+            killer.join()
+        self.stop(server)
+        log = stderr.getvalue()
+        self.assertRegex(log, r"tcpserver-1 finished \(TLS error, SSLError: .*\)")
+        self.assertNotIn("Traceback", log)
+
+    def test_the_thunks_own_tls_errors_keep_their_traceback(self):
+        stderr = self.capture("stderr")
+
+        def thunk():
+            raise ssl.SSLError(1, "a backend's TLS failed")
+
+        server = self.start_tls(thunk, debug=True)
+        with self.tls_connect(server) as sock:
+            with self.assertRaises(OSError):
+                read_all(sock)
+        self.stop(server)
+        self.assertIn("finished (error, SSLError: ", stderr.getvalue())
+        self.assertIn("Traceback", stderr.getvalue())
+
     def test_a_refused_protocol_version_costs_one_line(self):
         stderr = self.capture("stderr")
         context = self.server_context()
@@ -2339,6 +2515,34 @@ class TestExampleErrors(unittest.TestCase):
         self.assertRegex(result.stderr.decode(), r"^cannot listen on port %d: .*in use.*\n$" % port)
 
 
+class TestHelpers(unittest.TestCase):
+
+    def test_exchange_with_a_peer_that_reset_first(self):
+        # A server that refuses a client may reset it before the client has
+        # sent or ended its side: the client's answer is then b"".
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            for data in (b"", b"hello"):
+                with self.subTest(data=data), \
+                        socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as sock:
+                    reset(listener.accept()[0])
+                    self.assertTrue(select.select([sock], [], [], TIMEOUT)[0])
+                    self.assertEqual(exchange(sock, data), b"")
+
+    def test_exchange_raises_a_reset_that_does_not_come_first(self):
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as sock:
+                conn = listener.accept()[0]
+                conn.sendall(b"partial")
+                # Reset once the client has ended its side: a truncated answer.
+                closer = threading.Thread(target=lambda: (conn.recv(1), reset(conn)))
+                closer.start()
+                try:
+                    with self.assertRaises(ConnectionResetError):
+                        exchange(sock, b"")
+                finally:
+                    closer.join(TIMEOUT)
+
+
 class TestModule(unittest.TestCase):
 
     def test_all(self):
@@ -2635,9 +2839,7 @@ class CommandLine:
     def talk(self, data=b""):
         """Send data, end our side, return what came back."""
         with self.connect() as sock:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-            return read_all(sock)
+            return exchange(sock, data)
 
     def stop(self, signum=signal.SIGTERM):
         """Signal the command, return (exit code, everything it wrote on stderr)."""
