@@ -108,8 +108,11 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # Seconds a request thread has to end once its connection was shut down.
 _RESET_GRACE = 2.0
 
-# What stats() counts, besides "active" and "accepted" (made from others).
-_STATS = ("completed", "failed", "refused", "peak_active")
+# What stats() counts, besides "active" (the number of open requests).
+_STATS = ("accepted", "completed", "failed", "refused", "peak_active")
+
+# Which stats() counter a request's end counts in, by its kind; else "failed".
+_COUNTED_AS = {"ok": "completed", "refused": "refused"}
 
 # How a request may end that earns its connection a reset (RST).
 _RESET_KINDS = frozenset(("error", "timed out", "line too long", "drained",
@@ -120,6 +123,10 @@ _UNSET = object()
 
 # The arguments of the EOFError that input() raises at the end of input.
 _INPUT_EOF = ("EOF when reading a line",)
+
+# Request threads that must start at once, in a row, after failures to start
+# one, before the server says that threads start again.
+_STARTS_TO_RECOVER = 100
 
 # accept() errors that only mean this one connection is gone: ignore.
 _TRANSIENT_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN,
@@ -1128,12 +1135,14 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._pending = False    # the accept thread holds a slot, no request
         self._full = False       # "all slots busy" has been logged
         self._stopping = False   # shutdown() wants the accept thread back
-        self._open = {}          # type: dict  # request -> (number, host)
+        self._open = {}          # type: dict  # request -> (number, host or None)
         self._per_client = {}    # type: Dict[str, int]  # host -> open
         self._drained = set()    # type: set  # requests server_close() reset
         self._counts = dict.fromkeys(_STATS, 0)  # stats() without "active"
         self._dispatched = 0     # requests handed to a thread so far
         self._accept_errors = 0  # failed accepts in a row
+        self._start_failures = 0  # request threads that could not start, lately
+        self._good_starts = 0    # ones that started at once since the last failure
         self._poll_interval = None  # type: Optional[float]
         self._serving = False
         self._workers = set()    # type: Set[_Worker]  # request threads
@@ -1488,6 +1497,29 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self._accept_errors = 0
         return request, client_address
 
+    def _handle_request_noblock(self) -> None:
+        """Accept and dispatch one connection, as socketserver does.
+
+        But with proxy_protocol on, verify_request() is not called here
+        with the balancer's address: process_request_thread() calls it
+        with the client's, once the PROXY header is read.
+        """
+        if not self.proxy_protocol:
+            super()._handle_request_noblock()  # type: ignore[misc]
+            return
+        try:
+            request, client_address = self.get_request()
+        except OSError:
+            return
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
+
     def _take_slot(self) -> None:
         """Hold a slot for the next connection; raise OSError if none frees."""
         limit = self.max_requests
@@ -1533,21 +1565,22 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
         The request takes over the slot get_request() held.  A client that
         already has max_per_client connections open is refused: closed at
-        once, counted, logged.  The request goes to a spare request thread
-        if one waits, else to a new thread; either is named tcpserver-N for
-        the N-th request, is a daemon if daemon_threads is true, and is
-        joined by server_close() if block_on_close is true.
+        once, counted, logged.  (With proxy_protocol on, the client is only
+        known once the request thread has read the PROXY header, and
+        process_request_thread() checks then.)  The request goes to a spare
+        request thread if one waits, else to a new thread; either is named
+        tcpserver-N for the N-th request, is a daemon if daemon_threads is
+        true, and is joined by server_close() if block_on_close is true.
         """
-        host = _host(client_address)
+        host = None if self.proxy_protocol else _host(client_address)
         with self._lock:
-            refused = (self.max_per_client is not None and
-                       self._per_client.get(host, 0) >= self.max_per_client)
+            refused = not self._count_in(host)
             if not refused:
+                self._counts["accepted"] += 1
                 self._pending = False
                 self._dispatched += 1
                 number = self._dispatched
                 self._open[request] = (number, host)
-                self._per_client[host] = self._per_client.get(host, 0) + 1
                 self._counts["peak_active"] = max(self._counts["peak_active"],
                                                   len(self._open))
                 worker = self._spare.pop() if self._spare else None
@@ -1557,26 +1590,82 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self.close_request(request)
             return
         job = (request, client_address, "tcpserver-%d" % number)
-        if worker is None:
-            self._start_worker(job)
-        else:
+        if worker is not None:
             worker.job = job
             worker.wake.release()
-
-    def _start_worker(self, job: Tuple[socket.socket, _Address, str]) -> None:
-        """Start a request thread for job; it stays on as a spare afterwards."""
-        worker = _Worker(job)
-        worker.thread = threading.Thread(target=self._work, args=(worker,),
-                                         name=job[2],
-                                         daemon=self.daemon_threads)
-        with self._lock:
-            self._workers.add(worker)
-        try:
-            worker.thread.start()
-        except BaseException:
+        elif not self._start_worker(job):
+            self.log("refused %s: no request thread could start before the "
+                     "server stopped" % (_host(client_address),), logging.INFO)
             with self._lock:
-                self._workers.discard(worker)
-            raise
+                self._counts["refused"] += 1
+            self.close_request(request)
+
+    def _count_in(self, host: Optional[str]) -> bool:
+        """Count one more connection from host (None: not known yet), unless
+        it has max_per_client already; return False then.  Lock held."""
+        if host is None:
+            return True
+        opened = self._per_client.get(host, 0)
+        if self.max_per_client is not None and opened >= self.max_per_client:
+            return False
+        self._per_client[host] = opened + 1
+        return True
+
+    def _start_worker(self, job: Tuple[socket.socket, _Address, str]) -> bool:
+        """Start a request thread for job; it stays on as a spare afterwards.
+
+        When no thread can start (RuntimeError: the process or its user is
+        out of threads, RLIMIT_NPROC), the accept thread waits, backing off
+        as for EMFILE, while other clients wait in the listen queue; a
+        thread that turns spare meanwhile takes job.  Logged once when
+        threads begin to fail, and once more when _STARTS_TO_RECOVER in a
+        row have started at once (threads free up between failures, so
+        failures and successes alternate until the pressure ends).
+        Returns False, job unserved, if shutdown() comes first.
+        """
+        failures = 0  # for this job
+        while True:
+            worker = _Worker(job)
+            worker.thread = threading.Thread(target=self._work, args=(worker,),
+                                             name=job[2],
+                                             daemon=self.daemon_threads)
+            with self._lock:
+                self._workers.add(worker)
+            try:
+                worker.thread.start()
+                break
+            except RuntimeError as exc:
+                with self._lock:
+                    self._workers.discard(worker)
+                failures += 1
+                if not self._start_failures:
+                    self.log("cannot start a request thread (%s); new clients "
+                             "wait" % (exc,), logging.WARNING)
+                self._start_failures += 1
+                self._good_starts = 0
+            spare, stopping = self._wait_for_spare(failures)
+            if spare is not None:
+                spare.job = job
+                spare.wake.release()
+                break
+            if stopping:
+                return False
+        if not failures and self._start_failures:
+            self._good_starts += 1
+            if self._good_starts == _STARTS_TO_RECOVER:
+                self.log("request threads start again, after %d failures"
+                         % self._start_failures, logging.WARNING)
+                self._start_failures = 0
+        return True
+
+    def _wait_for_spare(self, failures: int
+                        ) -> Tuple[Optional["_Worker"], bool]:
+        """Back off after failures to start a thread; return a spare thread
+        if one came free meanwhile, and whether shutdown() is waiting."""
+        delay = min(1.0, 0.01 * 2 ** (failures - 1))
+        with self._lock:
+            self._slots.wait_for(lambda: self._stopping or self._spare, delay)
+            return (self._spare.pop() if self._spare else None), self._stopping
 
     # -- a request's own thread ---------------------------------------------
 
@@ -1598,6 +1687,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             if self._closing or len(self._spare) >= self.max_spare_threads:
                 return
             self._spare.append(worker)
+            self._slots.notify()  # for _wait_for_spare(), if it waits
         if worker.wake.acquire(timeout=self.spare_thread_lifetime):
             return
         with self._lock:
@@ -1611,7 +1701,10 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         """Serve one connection in its own thread, then close it.
 
         Calls get_addresses(), then finish_request() with the peer as
-        client_address.  On success the connection is shut down (FIN).  If
+        client_address.  (With proxy_protocol on, the peer is the client the
+        PROXY header names, and verify_request() and max_per_client judge it
+        here first: a refused one is closed, counted and logged.)  On
+        success the connection is shut down (FIN).  If
         the client went away (client_gone()) or get_addresses() failed (a
         TLS handshake, say), it is closed with one diagnostic line and no
         traceback.  Any other exception goes to handle_error() (if it is an
@@ -1626,13 +1719,17 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         kind = outcome = "ok"
         try:
             local, peer = self.get_addresses(request)
-            started = True
-            if self.idle_timeout is not None:
-                request.settimeout(self.idle_timeout)
-            if verbose:
-                self._log_start(request, peer)
-            _bound.local_address = local
-            self.finish_request(request, peer)
+            refusal = self._refusal(request, peer) if self.proxy_protocol else None
+            if refusal is None:
+                started = True
+                if self.idle_timeout is not None:
+                    request.settimeout(self.idle_timeout)
+                if verbose:
+                    self._log_start(request, peer)
+                _bound.local_address = local
+                self.finish_request(request, peer)
+            else:
+                kind, outcome = "refused", "refused: " + refusal
         except BaseException as exc:
             kind = self._failure_kind(request, exc, started)
             outcome = "%s, %s" % (kind, _describe(exc))
@@ -1647,7 +1744,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                     self._drained.discard(request)
                     kind = "drained"
                     outcome = "drained, reset by server_close()"
-                self._counts["completed" if kind == "ok" else "failed"] += 1
+                self._counts[_COUNTED_AS.get(kind, "failed")] += 1
             if kind in _RESET_KINDS:
                 self.abort_request(request, peer)
             else:
@@ -1658,6 +1755,18 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 self.log("%s%s finished (%s) in %.3fs."
                          % (threading.current_thread().name, who, outcome,
                             time.monotonic() - began))
+
+    def _refusal(self, request: socket.socket, peer: _Address) -> Optional[str]:
+        """Judge the client a PROXY header named: why verify_request() or
+        max_per_client refuse it, or None once it is counted in."""
+        if not self.verify_request(request, peer):
+            return "by verify_request()"
+        host = _host(peer)
+        with self._lock:
+            if self._count_in(host):
+                self._open[request] = (self._open[request][0], host)
+                return None
+        return "%d connections from it already" % (self.max_per_client,)
 
     def _log_start(self, request: socket.socket, peer: _Address) -> None:
         with self._lock:
@@ -1727,13 +1836,14 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             with self._lock:
                 opened = self._open.pop(request, None)
                 held = opened is not None or self._pending
-                if opened is not None:
+                if opened is not None and opened[1] is not None:
                     host = opened[1]
                     self._per_client[host] -= 1
                     if not self._per_client[host]:
                         del self._per_client[host]
                 elif self._pending:  # refused before it became a request
                     self._pending = False
+                    self._counts["accepted"] += 1
                     self._counts["refused"] += 1
                 if held:
                     self._taken -= 1
@@ -1760,11 +1870,12 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         completed: requests whose handler returned; failed: requests ended
         by an exception (error, client gone, timeout, failed TLS handshake);
         refused: connections closed unserved (verify_request(),
-        max_per_client); peak_active: most requests open at once.
+        max_per_client, no request thread could start before shutdown());
+        peak_active: most requests open at once.  accepted is the sum of
+        the last three and active.
         """
         with self._lock:
             counts = dict(self._counts)
-            counts["accepted"] = self._dispatched + counts["refused"]
             counts["active"] = len(self._open)
         return counts
 

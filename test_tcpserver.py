@@ -32,6 +32,7 @@ import textwrap
 import threading
 import time
 import unittest
+import unittest.mock
 import urllib.error
 import urllib.request
 import weakref
@@ -1809,6 +1810,124 @@ class TestClientLimits(ServerTestCase):
         self.assertEqual(read_all(self.connect_from(server, "127.0.0.2")), b"")
         self.stop(server)
         self.assertEqual(server.stats()["refused"], 1)
+
+    def test_allow_list_recipe_behind_a_balancer(self):
+        namespace = {}
+        exec(readme_code("class AllowListServer("), namespace)
+        server = self.serve(namespace["AllowListServer"](
+            ("127.0.0.1", 0), tcpserver.ThunkHandler, thunk=lambda: print("welcome"),
+            proxy_protocol=True))
+        # The balancer is 127.0.0.1, which the list allows; its clients count.
+        self.assertEqual(self.talk(server, b"PROXY TCP4 10.1.2.3 10.0.0.5 5000 6504\r\n"),
+                         b"welcome\n")
+        self.assertEqual(self.talk(server, b"PROXY TCP4 203.0.113.7 10.0.0.5 5000 6504\r\n"),
+                         b"")
+        self.stop(server)
+        self.assertEqual(server.stats()["refused"], 1)
+        self.assertEqual(server.stats()["completed"], 1)
+
+    def test_max_per_client_behind_a_balancer_counts_each_client(self):
+        stderr = self.capture("stderr")
+        server, started = self.held_server(max_per_client=1, proxy_protocol=True)
+        server.debug = True
+        first = self.connect(server)
+        first.sendall(b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 6504\r\n")
+        self.assertTrue(started.acquire(timeout=TIMEOUT))
+        other = self.connect(server)  # another client of the same balancer
+        other.sendall(b"PROXY TCP4 198.51.100.9 192.0.2.1 40001 6504\r\n")
+        self.assertTrue(started.acquire(timeout=TIMEOUT))
+        again = self.connect(server)  # the first client's second connection
+        self.assertEqual(exchange(again, b"PROXY TCP4 203.0.113.7 192.0.2.1 40002 6504\r\n"),
+                         b"")
+        for sock in (first, other):
+            self.assertEqual(exchange(sock, b"x\n"), b"served x\n")
+        self.stop(server)
+        self.assertEqual(server.stats()["refused"], 1)
+        self.assertEqual(server.stats()["completed"], 2)
+        self.assertIn("(with 203.0.113.7) finished (refused: 1 connections from it already)",
+                      stderr.getvalue())
+
+
+class TestThreadsThatCannotStart(ServerTestCase):
+    """Request threads that cannot start (RLIMIT_NPROC reached, say)."""
+
+    def fail_thread_starts(self, count):
+        """Make the next count starts of request threads fail as the
+        threading module does when the system refuses a thread."""
+        original = threading.Thread.start
+        failed = []
+
+        def start(thread):
+            if thread.name.startswith("tcpserver-") and len(failed) < count:
+                failed.append(thread.name)
+                raise RuntimeError("can't start new thread")
+            return original(thread)
+
+        patcher = unittest.mock.patch.object(threading.Thread, "start", start)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return failed
+
+    def start_logged(self, thunk, **settings):
+        stderr = self.capture("stderr")
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, **settings)
+        server.max_spare_threads = 0  # every request needs a thread of its own
+        return self.serve(server, debug=True), stderr
+
+    def test_clients_wait_until_a_thread_starts(self):
+        server, stderr = self.start_logged(lambda: print("hi"))
+        failed = self.fail_thread_starts(3)
+        clients = tcpserver._STARTS_TO_RECOVER + 1  # the first waits for its thread
+        for _ in range(clients):
+            self.assertEqual(self.talk(server), b"hi\n")
+        self.stop(server)
+        self.assertEqual(len(failed), 3)
+        stats = server.stats()
+        # The next client may come before the last request's thread closed.
+        self.assertIn(stats.pop("peak_active"), (1, 2))
+        self.assertEqual(stats, {"accepted": clients, "completed": clients, "failed": 0,
+                                 "refused": 0, "active": 0})
+        log = stderr.getvalue()
+        self.assertEqual(log.count("cannot start a request thread (can't start new thread); "
+                                   "new clients wait"), 1)
+        self.assertEqual(log.count("request threads start again, after 3 failures"), 1)
+        self.assertNotIn("Traceback", log)
+
+    def test_a_thread_that_turns_spare_takes_the_waiting_client(self):
+        started, release = threading.Event(), threading.Event()
+
+        def thunk():
+            started.set()
+            release.wait(TIMEOUT)
+            print("hi")
+
+        server, stderr = self.start_logged(thunk)
+        server.max_spare_threads = 16
+        first = self.connect(server)
+        self.assertTrue(started.wait(TIMEOUT))
+        self.fail_thread_starts(10 ** 6)  # no new thread from now on
+        second = self.connect(server)
+        release.set()  # the first thread ends its request and turns spare
+        self.assertEqual(exchange(first, b""), b"hi\n")
+        self.assertEqual(exchange(second, b""), b"hi\n")
+        self.stop(server)
+        self.assertEqual(server.stats()["completed"], 2)
+        self.assertEqual(stderr.getvalue().count("cannot start a request thread"), 1)
+
+    def test_shutdown_is_prompt_and_the_waiting_client_is_refused(self):
+        waiting = threading.Event()
+        self.log_to(lambda record: "cannot start" in record.getMessage() and waiting.set())
+        server, stderr = self.start_logged(print)
+        self.fail_thread_starts(10 ** 6)
+        sock = self.connect(server)
+        self.assertTrue(waiting.wait(TIMEOUT))
+        began = time.monotonic()
+        self.stop(server)
+        self.assertLess(time.monotonic() - began, 2.0)
+        self.assertEqual(read_all(sock), b"")
+        self.assertEqual(server.stats(), {"accepted": 1, "completed": 0, "failed": 0,
+                                          "refused": 1, "peak_active": 1, "active": 0})
+        self.assertIn("refused 127.0.0.1: no request thread could start", stderr.getvalue())
 
 
 class TestMaxLine(ServerTestCase):
