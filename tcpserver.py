@@ -732,22 +732,29 @@ def _is_tls(sock: socket.socket) -> bool:
     return hasattr(sock, "unwrap")
 
 
-if hasattr(select, "poll"):
-    def _ready(sock: socket.socket, read: bool,
-               timeout: Optional[float]) -> bool:
-        """Wait up to timeout seconds (None: no limit) for sock to be
-        readable (or writable); return False if time ran out."""
-        poller = select.poll()
-        poller.register(sock, select.POLLIN if read else select.POLLOUT)
-        return bool(poller.poll(None if timeout is None else timeout * 1000))
-else:  # Windows: select() has no descriptor limit there
-    def _ready(sock: socket.socket, read: bool,
-               timeout: Optional[float]) -> bool:
-        """Wait up to timeout seconds (None: no limit) for sock to be
-        readable (or writable); return False if time ran out."""
-        waiting = [sock]
-        return any(select.select(waiting if read else [],
-                                 [] if read else waiting, [], timeout)[:2])
+def _poll_ready(sock: socket.socket, read: bool,
+                timeout: Optional[float]) -> bool:
+    """Wait up to timeout seconds (None: no limit) for sock to be readable
+    (or writable); return False if time ran out."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN if read else select.POLLOUT)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+
+def _select_ready(sock: socket.socket, read: bool,
+                  timeout: Optional[float]) -> bool:
+    """_poll_ready() for Windows, which has no poll(), and whose select()
+    has no limit on descriptor numbers."""
+    waiting = [sock]
+    return any(select.select(waiting if read else [],
+                             [] if read else waiting, [], timeout)[:2])
+
+
+_ready = _poll_ready if hasattr(select, "poll") else _select_ready
+
+# Is a socket's fileno() a file descriptor that os-level I/O takes?  Not on
+# Windows, where it is a SOCKET handle.
+_SOCKETS_ARE_FILES = os.name == "posix"
 
 
 def _tls_call(sock: Any, call: Callable[[Any], int], data: Any,
@@ -820,11 +827,13 @@ def _raw_writer(sock: socket.socket, timeout: Optional[float]
 
     A plain blocking socket gets a FileIO on its descriptor: write() in C,
     no Python call per flush.  A socket with a timeout (whose descriptor is
-    non-blocking) or a TLS socket needs the socket's own send().
+    non-blocking), a TLS socket, or any socket where descriptors are not
+    files needs the socket's own send().
     """
     if _is_tls(sock):
         return _TLSWriter(sock, timeout)
-    if type(sock) is socket.socket and timeout is None:
+    if (_SOCKETS_ARE_FILES and type(sock) is socket.socket
+            and timeout is None):
         return io.FileIO(sock.fileno(), "wb", closefd=False)
     return _SocketWriter(sock)
 
