@@ -1878,7 +1878,7 @@ class _Options:
     limit = 40
     backlog = 20
     verbosity = 1          # 0: -q, 1: -Q (errors), 2: -v
-    banner = ""
+    banner = b""           # -B's bytes, as given (os.fsencode undoes argv's decoding)
     print_port = False
     nodelay = True
     remote_host = True     # -h
@@ -1989,7 +1989,7 @@ def _apply_option(options: _Options, option: str, value: str) -> None:
     elif option == "-b":
         options.backlog = _number(option, value, 0, 2 ** 31 - 1)
     elif option == "-B":
-        options.banner = value
+        options.banner = os.fsencode(value)
     elif option == "-l":
         options.local_host = value
     elif option == "-x":
@@ -2225,7 +2225,7 @@ class _CommandServer(ThreadingTCPServer):
             except OSError:
                 pass  # not every system lets them be cleared
         if self.options.banner:
-            connection.sendall(self.options.banner.encode())
+            connection.sendall(self.options.banner)
 
     def spawned(self, child: Any) -> None:
         """Remember a running PROGRAM, so server_close() can kill it."""

@@ -2683,6 +2683,16 @@ class TestCommandLine(unittest.TestCase):
             self.assertEqual(read_all(second), b"welcome\ngot two\n")
         self.assertEqual(server.stop()[0], 0)
 
+    def test_banner_bytes_go_out_as_given(self):
+        banner = b"caf\xe9 ready\r\n"  # Latin-1, not UTF-8: ucspi-tcp sends the bytes
+        commands = [None] + ([[UCSPI]] if os.access(UCSPI, os.X_OK) else [])
+        for command in commands:
+            with self.subTest(command=command):
+                server = CommandLine(self, ["-1", "-B", banner, "127.0.0.1", "0",
+                                            "echo", "served"], command=command)
+                self.assertEqual(server.talk(), banner + b"served\n")
+                server.stop()
+
     def test_call_a_thunk(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
