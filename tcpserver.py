@@ -1129,7 +1129,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self.log("waiting for requests...", logging.INFO)
         self.serve_forever(poll_interval)
 
-    def serve_workers(self, workers: int, poll_interval: float = 0.5) -> None:
+    def serve_workers(self, workers: int, poll_interval: float = 0.5, *,
+                      ready: Optional[Callable[[], None]] = None) -> None:
         """Serve in worker processes that share the listening socket (POSIX).
 
         Forks workers processes; each serves as serve_forever() does, with
@@ -1138,6 +1139,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         a worker that dies is replaced; SIGTERM or SIGINT is passed on to
         every worker (a second one, half a second or more after the first,
         makes them stop at once), and this returns once all have ended.
+        ready(), if given, is called once, in this process, as soon as the
+        signal handlers are in place and before any worker starts: the place
+        to say the server is up, as a signal sent from then on is handled.
         Call it from the main thread, before this process starts threads or
         child processes of its own (fork copies only the caller's thread,
         and the supervisor reaps any child), then call server_close() here
@@ -1159,6 +1163,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         blocking = self.socket.getblocking()
         self.socket.setblocking(False)
         try:
+            if ready is not None:
+                ready()
             while running or not stopping:
                 # Blocked until the new pids are in running, for pass_on().
                 signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
@@ -2575,8 +2581,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         server.say("status: 0/%d" % options.limit)
 
     if options.workers > 1:
-        ready()
-        server.serve_workers(options.workers)
+        server.serve_workers(options.workers, ready=ready)
         server.server_close()
     else:
         _serve_until_signalled(server, ready=ready)

@@ -3228,6 +3228,31 @@ class TestWorkers(unittest.TestCase):
         for pid in pids:
             self.assertTrue(pid_gone(pid))
 
+    def test_a_sigterm_the_moment_the_port_is_printed_exits_0(self):
+        # The port line says the server is ready: a service manager may stop
+        # it at once.  This stdout sends SIGTERM to its own process once the
+        # line is out, so a handler installed any later is too late.
+        code = ("import os, signal, sys, tcpserver\n"
+                "class Stopping:\n"
+                "    def write(self, text):\n"
+                "        written = sys.__stdout__.write(text)\n"
+                "        if text.endswith('\\n'):\n"
+                "            sys.__stdout__.flush()\n"
+                "            os.kill(os.getpid(), signal.SIGTERM)\n"
+                "        return written\n"
+                "    def flush(self):\n"
+                "        sys.__stdout__.flush()\n"
+                "sys.stdout = Stopping()\n"
+                "sys.exit(tcpserver.main(sys.argv[1:]))\n")
+        for workers in (["-w", "2"], []):
+            with self.subTest(workers=workers):
+                result = subprocess.run(
+                    [sys.executable, "-c", code, "-1", "-v"] + workers + ["127.0.0.1", "0", "cat"],
+                    capture_output=True, timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=HERE))
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertRegex(result.stdout, rb"^\d+\n$")
+                self.assertEqual(result.stderr, b"tcpserver: status: 0/40\n")
+
 
 if __name__ == "__main__":
     unittest.main()
