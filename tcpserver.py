@@ -2066,15 +2066,20 @@ def _cdb_get(data: bytes, key: bytes) -> Optional[bytes]:
 
 
 def _rule_keys(ip: str, host: Optional[str]) -> List[str]:
-    """The keys tcprules' cdb is searched for, in tcprules(1)'s order."""
+    """The keys tcprules' cdb is searched for, in ucspi-tcp's order.
+
+    The address; =host; the address's prefixes that end in "." or ":"
+    (not ":" alone), longest first, as ucspi-tcp's IPv6 patch has it
+    ("127.0.", "2001:db8:"); =.suffix for each "." in host; "="; "".
+    """
     keys = [ip]
     if host:
         keys.append("=" + host)
-    parts = ip.split(".")
-    keys += [".".join(parts[:n]) + "." for n in range(len(parts) - 1, 0, -1)]
+    keys += [ip[:end] for end in range(len(ip) - 1, 0, -1)
+             if ip[end - 1] == "." or (ip[end - 1] == ":" and end > 1)]
     if host:
-        labels = host.split(".")
-        keys += ["=." + ".".join(labels[n:]) for n in range(1, len(labels))]
+        keys += ["=" + host[start:] for start in range(len(host))
+                 if host[start] == "."]
         keys.append("=")
     keys.append("")
     return keys

@@ -2941,6 +2941,83 @@ class TestCommandLine(unittest.TestCase):
             self.assertIn(option, text)
 
 
+def write_cdb(path, records):
+    """Write records, (key, value) pairs of bytes, to path as a cdb file.
+
+    The layout of cdb_make, which tcprules uses: 256 (position, slots)
+    pairs, the records (key length, value length, key, value) in order,
+    then a hash table per pair with two slots per key of it, each key in
+    the first free slot from (hash >> 8) % slots.  tcprules' values are its
+    instructions, each ended by NUL: b"D\\0" denies, b"+NAME=value\\0" sets.
+    Debian's tcprules cannot parse IPv6 rules, so the tests write those.
+    """
+    def digest(key):
+        value = 5381
+        for byte in key:
+            value = ((value * 33) ^ byte) & 0xFFFFFFFF
+        return value
+
+    body, entries = bytearray(), []
+    for key, value in records:
+        entries.append((digest(key), 2048 + len(body)))
+        body += struct.pack("<II", len(key), len(value)) + key + value
+    pairs, tables = bytearray(), bytearray()
+    for bucket in range(256):
+        keys = [entry for entry in entries if entry[0] & 255 == bucket]
+        slots = [(0, 0)] * (2 * len(keys))
+        for entry in keys:
+            slot = (entry[0] >> 8) % len(slots)
+            while slots[slot][1]:
+                slot = (slot + 1) % len(slots)
+            slots[slot] = entry
+        pairs += struct.pack("<II", 2048 + len(body) + len(tables), len(slots))
+        tables += b"".join(struct.pack("<II", *entry) for entry in slots)
+    with open(path, "wb") as file:
+        file.write(pairs + body + tables)
+
+
+class TestRules(unittest.TestCase):
+    """-x FILE: tcprules' cdb, as ucspi-tcp (and its IPv6 patch) reads it."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.rules = os.path.join(self.directory, "rules.cdb")
+
+    @unittest.skipUnless(shutil.which("tcprules"), "tcprules is not installed "
+                         "(apt-get install ucspi-tcp)")
+    def test_the_cdb_writer_writes_what_tcprules_writes(self):
+        source = ('127.0.0.1:allow,GREETING="hello there"\n10.:deny\n'
+                  '127.:allow,A=/b/,B=:c:\n127.0.0.1:deny\n:deny\n')
+        subprocess.run(["tcprules", self.rules, self.rules + ".tmp"], input=source.encode(),
+                       check=True, timeout=TIMEOUT)
+        mine = os.path.join(self.directory, "mine.cdb")
+        write_cdb(mine, [(b"127.0.0.1", b"+GREETING=hello there\0"), (b"10.", b"D\0"),
+                         (b"127.", b"+A=b\0+B=c\0"), (b"127.0.0.1", b"D\0"), (b"", b"D\0")])
+        with open(self.rules, "rb") as theirs, open(mine, "rb") as ours:
+            self.assertEqual(ours.read(), theirs.read())
+
+    @unittest.skipUnless(socket.has_ipv6, "no IPv6")
+    def test_ipv6_prefixes(self):
+        # As ucspi-tcp's IPv6 patch: after the address, its prefixes that end
+        # in ":" (or "."), longest first.  ::1 connects as itself; from
+        # 127.0.0.1, a PROXY header claims other addresses.
+        write_cdb(self.rules, [(b"::", b"+WHO=loopback\0"), (b"2001:", b"+WHO=2001\0"),
+                               (b"2001:db8:", b"+WHO=db8\0"), (b"2001:db8::7", b"D\0"),
+                               (b"", b"D\0")])
+        server = CommandLine(self, ["-1", "-HRl0", "-x", self.rules, "--proxy-protocol",
+                                    "--trusted-proxies", "127.0.0.0/8", "::", "0",
+                                    "sh", "-c", "echo $WHO"])
+        with socket.create_connection(("::1", server.port), timeout=TIMEOUT) as sock:
+            self.assertEqual(read_all(sock), b"loopback\n")
+        for claimed, reply in (("2001:db8::5", b"db8\n"), ("2001:db9::5", b"2001\n"),
+                               ("2001:db8::7", b""), ("2002::5", b"")):
+            with self.subTest(claimed=claimed):
+                header = "PROXY TCP6 %s ::1 4321 25\r\n" % claimed
+                self.assertEqual(server.talk(header.encode()), reply)
+        self.assertEqual(server.stop()[0], 0)
+
+
 def free_port():
     """A port that was free a moment ago (for programs that cannot take port 0)."""
     with socket.socket() as sock:
