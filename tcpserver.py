@@ -1845,7 +1845,7 @@ ucspi-tcp's options (same letters, same meanings):
   -r, -R, -t N  ident lookups: accepted, never done (no TCPREMOTEINFO)
   -o, -O     keep / clear (default) IPv4 options of each connection
   -x FILE    follow the rules in FILE, a cdb made by tcprules(1): allow,
-             deny, set environment variables (FILE is read per connection)
+             deny, set environment variables (FILE is opened per connection)
   -X         with -x, allow connections if FILE does not exist
   -u UID, -g GID, -U   drop to that uid/gid ($UID, $GID) after binding
 
@@ -2038,31 +2038,54 @@ def _port_number(text: str) -> int:
                           % text) from None
 
 
-def _cdb_get(data: bytes, key: bytes) -> Optional[bytes]:
-    """Return the first value of key in a cdb file's bytes, or None.
+def _cdb_get(rules: int, size: int, key: bytes) -> Optional[bytes]:
+    """Return the first value of key in a cdb file, or None.
 
-    cdb (D. J. Bernstein's constant database, which tcprules writes): 256
-    (position, slots) pairs, then records, then the hash tables.
+    rules is the file's descriptor, size its length.  cdb (D. J.
+    Bernstein's constant database, which tcprules writes): 256 (position,
+    slots) pairs, then records, then the hash tables.  Only what the lookup
+    needs is read, a few small reads whatever the file's size: the key's
+    pair, the slots it probes, the record.  Raises ValueError where the
+    file ends before what it points to.
     """
     digest = 5381
     for byte in key:
         digest = ((digest * 33) ^ byte) & 0xFFFFFFFF
-    position, slots = struct.unpack_from("<II", data, (digest & 255) * 8)
+    position, slots = _cdb_pair(rules, size, (digest & 255) * 8)
     if not slots:
         return None
     slot = (digest >> 8) % slots
     for _ in range(slots):
-        found, record = struct.unpack_from("<II", data, position + slot * 8)
+        found, record = _cdb_pair(rules, size, position + slot * 8)
         if not record:
             return None
         if found == digest:
-            key_length, value_length = struct.unpack_from("<II", data, record)
-            start = record + 8
-            if data[start:start + key_length] == key:
-                start += key_length
-                return data[start:start + value_length]
+            key_length, value_length = _cdb_pair(rules, size, record)
+            if (key_length == len(key)
+                    and _cdb_read(rules, size, record + 8, key_length) == key):
+                return _cdb_read(rules, size, record + 8 + key_length,
+                                 value_length)
         slot = (slot + 1) % slots
     return None
+
+
+def _cdb_pair(rules: int, size: int, position: int) -> Tuple[int, int]:
+    """Return the two little-endian 32-bit numbers at position of a cdb file."""
+    first, second = struct.unpack("<II", _cdb_read(rules, size, position, 8))
+    return first, second
+
+
+def _cdb_read(rules: int, size: int, position: int, count: int) -> bytes:
+    """Return count bytes at position of a cdb file; ValueError past its end.
+
+    Checked against size first, so a damaged length cannot make us
+    allocate more than the file holds.
+    """
+    data = os.pread(rules, count, position) if position + count <= size else b""
+    if len(data) != count:  # past the end, or the file shrank meanwhile
+        raise ValueError("the file ends at %d, before byte %d"
+                         % (size, position + count))
+    return data
 
 
 def _rule_keys(ip: str, host: Optional[str]) -> List[str]:
@@ -2088,24 +2111,27 @@ def _rule_keys(ip: str, host: Optional[str]) -> List[str]:
 def _follow_rules(path: str, ip: str, host: Optional[str],
                   optional: bool) -> Optional[Dict[str, str]]:
     """Return the environment tcprules' file at path sets for a client, or
-    None if it denies the client.  The file is read for each connection, so
-    tcprules can replace it while the server runs."""
+    None if it denies the client.  The file is opened for each connection,
+    so tcprules can replace it while the server runs; only the few bytes
+    each key's lookup needs are read, so a large file costs no memory."""
     try:
-        with open(path, "rb") as rules:
-            data = rules.read()
+        rules = open(path, "rb", buffering=0)
     except FileNotFoundError:
         if optional:
             return {}
         raise
-    try:
-        for key in _rule_keys(ip, host):
-            value = _cdb_get(data, key.encode())
-            if value is not None:
-                break
-        else:
-            return {}
-    except struct.error:
-        raise ValueError("%s is not a cdb file (made by tcprules)" % path) from None
+    with rules:
+        size = os.fstat(rules.fileno()).st_size
+        try:
+            for key in _rule_keys(ip, host):
+                value = _cdb_get(rules.fileno(), size, key.encode())
+                if value is not None:
+                    break
+            else:
+                return {}
+        except ValueError:
+            raise ValueError("%s is not a cdb file (made by tcprules)"
+                             % path) from None
     environment = {}
     for item in value.split(b"\0"):
         if item == b"D":

@@ -3017,6 +3017,49 @@ class TestRules(unittest.TestCase):
                 self.assertEqual(server.talk(header.encode()), reply)
         self.assertEqual(server.stop()[0], 0)
 
+    def test_empty_and_truncated_files_deny_with_a_warning(self):
+        write_cdb(self.rules, [(b"", b"+X=1\0")])  # allows everyone: when whole
+        with open(self.rules, "rb") as file:
+            whole = file.read()
+        server = CommandLine(self, ["-1", "-x", self.rules, "127.0.0.1", "0", "echo", "served"])
+        self.assertEqual(server.talk(), b"served\n")
+        for size in (0, 100, len(whole) - 12):  # nothing; half the header; half a slot
+            with self.subTest(size=size):
+                with open(self.rules, "wb") as file:
+                    file.write(whole[:size])
+                self.assertEqual(server.talk(), b"")
+        code, log = server.stop()
+        self.assertEqual(code, 0)
+        self.assertEqual(log.count("warning: unable to read %s: %s is not a cdb file"
+                                   % (self.rules, self.rules)), 3)
+        self.assertNotIn("Traceback", log)
+
+    @unittest.skipUnless(shutil.which("tcprules"), "tcprules is not installed "
+                         "(apt-get install ucspi-tcp)")
+    @unittest.skipUnless(os.path.exists("/proc/self/status"), "needs /proc for VmHWM")
+    def test_600000_rules_and_40_clients_at_once_cost_little_memory(self):
+        # 22 MB of cdb, as a large site's; about 2 s.  Each connection looks
+        # its keys up in the file, not in a copy of it.
+        source = "".join("10.%d.%d.%d:deny\n" % (n >> 16, (n >> 8) & 255, n & 255)
+                         for n in range(600000))
+        source += '127.0.0.1:allow,SEEN="yes"\n:deny\n'
+        subprocess.run(["tcprules", self.rules, self.rules + ".tmp"], input=source.encode(),
+                       check=True, timeout=TIMEOUT)
+        server = CommandLine(self, ["-1", "-b", "64", "-x", self.rules, "127.0.0.1", "0",
+                                    "sh", "-c", "echo $SEEN"])
+        replies = []
+        clients = [threading.Thread(target=lambda: replies.append(server.talk()))
+                   for _ in range(40)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(TIMEOUT)
+        with open("/proc/%d/status" % server.process.pid) as status:
+            peak = int(re.search(r"^VmHWM:\s+(\d+) kB", status.read(), re.M).group(1))
+        self.assertEqual(replies, [b"yes\n"] * 40)
+        self.assertLess(peak, 60 * 1024, "peak RSS in kB")
+        self.assertEqual(server.stop()[0], 0)
+
 
 def free_port():
     """A port that was free a moment ago (for programs that cannot take port 0)."""
