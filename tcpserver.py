@@ -1813,6 +1813,7 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
 
 _EXIT_USAGE = 100      # a bad option or argument, as ucspi-tcp's usage errors
 _EXIT_TEMPORARY = 111  # a failure worth retrying (address in use), djb's code
+_END_GRACE = 1.0       # seconds a PROGRAM's process group has from SIGTERM to SIGKILL
 
 _USAGE = ("usage: python -m tcpserver [options] HOST PORT PROGRAM [ARG ...]\n"
           "       python -m tcpserver [options] HOST PORT --call MODULE:FUNCTION\n"
@@ -2169,6 +2170,10 @@ class _CommandServer(ThreadingTCPServer):
         self._running = 0
         self._numbers = 0
         self._children = set()  # type: Set[Any]  # subprocess.Popen
+        # The process groups of PROGRAMs that ended while others of the
+        # group still ran, each group's id its PROGRAM's pid: the server
+        # ends them too when it stops, as they may hold a connection.
+        self._left = set()  # type: Set[int]
         super().__init__(*args, **kwargs)
 
     def say(self, line: str) -> None:
@@ -2265,13 +2270,18 @@ class _CommandServer(ThreadingTCPServer):
             connection.sendall(self.options.banner)
 
     def spawned(self, child: Any) -> None:
-        """Remember a running PROGRAM, so server_close() can kill it."""
+        """Remember a running PROGRAM, so server_close() can end it."""
         with self._log_lock:
             self._children.add(child)
 
     def reaped(self, child: Any) -> None:
+        """Forget a PROGRAM that ended, but not its process group while
+        processes it started still run there."""
         with self._log_lock:
             self._children.discard(child)
+            self._left.add(child.pid)
+            self._left = {group for group in self._left
+                          if _signal_group(group, 0)}  # gone: forgotten
 
     def shutdown_request(self, request: socket.socket) -> None:
         """Close our copy only, where PROGRAM has the socket itself: it
@@ -2283,11 +2293,13 @@ class _CommandServer(ThreadingTCPServer):
             super().shutdown_request(request)
 
     def server_close(self) -> None:
-        """Drain as ThreadingTCPServer does, but kill the PROGRAMs still
-        running after drain_timeout: a closed connection may not end them."""
+        """Drain as ThreadingTCPServer does, but end the PROGRAMs still
+        running after drain_timeout, and whatever they left running: a
+        closed connection may not end them, and their processes hold the
+        client's connection open as long as they run."""
         killer = None
         if self.drain_timeout is not None:
-            killer = threading.Timer(self.drain_timeout, self.kill_children)
+            killer = threading.Timer(self.drain_timeout, self.end_programs)
             killer.start()
         try:
             super().server_close()
@@ -2295,30 +2307,33 @@ class _CommandServer(ThreadingTCPServer):
             if killer is not None:
                 killer.cancel()
                 killer.join()
-            self.kill_children()
+            self.end_programs()
 
     def _exit_now_hook(self) -> None:
-        """Kill every PROGRAM still running, without waiting: we are exiting."""
-        for child in list(self._children):
-            try:
-                child.kill()
-            except OSError:
-                pass  # it ended meanwhile
+        """SIGKILL every PROGRAM's process group, without waiting: we are exiting."""
+        for group in [child.pid for child in list(self._children)] + list(self._left):
+            _signal_group(group, signal.SIGKILL)
 
-    def kill_children(self) -> None:
-        """Kill every PROGRAM still running, once each, and reap it."""
+    def end_programs(self) -> None:
+        """End the process group of every PROGRAM still running, and those
+        that ended PROGRAMs left running (SIGTERM, then SIGKILL); reap the
+        PROGRAMs.  Each group is ended once, though the PROGRAMs' threads
+        note the groups again as they reap them meanwhile."""
         with self._log_lock:
             children = list(self._children)
-            self._children.clear()
+            left = list(self._left)
         for child in children:
             self.log("killing %s (pid %d): still running after the drain"
                      % (child.args[0], child.pid), logging.WARNING)
-            try:
-                child.kill()
-            except ProcessLookupError:
-                pass  # it ended and was reaped meanwhile
+        for group in left:
+            self.log("killing process group %d: left running by its PROGRAM"
+                     % group, logging.WARNING)
+        groups = [child.pid for child in children] + left
+        _end_groups(groups, children)
         for child in children:
             child.wait()
+        with self._log_lock:
+            self._left.difference_update(groups)
 
 
 class _CommandConnection:
@@ -2360,8 +2375,11 @@ class _ProgramHandler(_CommandConnection, socketserver.BaseRequestHandler):
             self.request.setblocking(True)  # the child shares the flags
             stream = self.request.fileno()
         self.status = _EXIT_TEMPORARY << 8  # as ucspi-tcp's child that cannot exec
+        # A session of its own, so it and its children can be ended together
+        # (killpg); unlike preexec_fn, start_new_session is safe in threads.
         child = subprocess.Popen(server.options.program, stdin=stream,
-                                 stdout=stream, env=environment)
+                                 stdout=stream, env=environment,
+                                 start_new_session=True)
         server.spawned(child)
         self.number = child.pid
         try:
@@ -2370,7 +2388,7 @@ class _ProgramHandler(_CommandConnection, socketserver.BaseRequestHandler):
                 try:
                     _pump(self.request, child, server.idle_timeout)
                 except BaseException:
-                    _end_child(child)  # the connection is over: so is PROGRAM
+                    _end_groups([child.pid], [child])  # the connection is over: so is PROGRAM
                     raise
                 finally:
                     child.stdin.close()
@@ -2383,15 +2401,37 @@ class _ProgramHandler(_CommandConnection, socketserver.BaseRequestHandler):
             self.status = code << 8 if code >= 0 else -code
 
 
-def _end_child(child: Any, grace: float = 1.0) -> None:
-    """Ask child to end (SIGTERM), and make it (SIGKILL) after grace seconds."""
+def _signal_group(group: int, signum: int) -> bool:
+    """Send signum (0: none, a question) to process group group; return
+    False if no process of it is left that we may signal."""
     try:
-        child.terminate()
-        child.wait(grace)
-    except subprocess.TimeoutExpired:
-        child.kill()
-    except OSError:
-        pass  # it ended meanwhile
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # left to processes of another user: not ours
+        return False
+    return True
+
+
+def _end_groups(groups: List[int], children: List[Any],
+                grace: float = _END_GRACE) -> None:
+    """Ask the process groups to end (SIGTERM), and make what is left of
+    them end (SIGKILL) after grace seconds.
+
+    children (subprocess.Popen) are the PROGRAMs among the groups' leaders:
+    polled meanwhile, so one that no other thread reaps does not keep its
+    group alive as a zombie.  Returns once every group is gone or has had
+    its SIGKILL.  A group has no descriptor to wait on, hence the polling.
+    """
+    left = [group for group in groups if _signal_group(group, signal.SIGTERM)]
+    deadline = time.monotonic() + grace
+    while left and time.monotonic() < deadline:
+        time.sleep(0.01)
+        for child in children:
+            child.poll()
+        left = [group for group in left if _signal_group(group, 0)]
+    for group in left:
+        _signal_group(group, signal.SIGKILL)
 
 
 def _pump(connection: socket.socket, child: Any,

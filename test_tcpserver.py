@@ -2731,7 +2731,7 @@ class TestCommandLine(unittest.TestCase):
         self.assertLess(time.monotonic() - began, 5)
         self.assertTrue(pid_gone(pid))
         self.assertIn("warning: killing sh (pid %d)" % pid, log)
-        self.assertIn("end %d status 9\n" % pid, log)
+        self.assertIn("end %d status 15\n" % pid, log)  # SIGTERM was enough
 
     def test_a_second_signal_stops_at_once(self):
         server = CommandLine(self, ["-1", "--drain", "60", "127.0.0.1", "0",
@@ -2792,6 +2792,38 @@ class TestCommandLine(unittest.TestCase):
         server.wait_for(r"end %d status 15\n" % pid)  # SIGTERM ended it
         self.assertTrue(pid_gone(pid))
         self.assertEqual(server.stop()[0], 0)
+
+    def test_no_connection_outlives_the_server(self):
+        # sh waits for sleep, which holds the connection too: when the server
+        # stops, it must end both, or the client stays connected to nothing.
+        for options, signals in ((["--drain", "0.3"], [signal.SIGTERM]),
+                                 (["--drain", "60"], [signal.SIGTERM, signal.SIGTERM]),
+                                 (["--drain", "0.3", "-w", "2"], [signal.SIGTERM])):
+            with self.subTest(options=options, signals=len(signals)):
+                server = CommandLine(self, ["-1"] + options + ["127.0.0.1", "0",
+                                                               "sh", "-c", "echo up $$; sleep 20; :"])
+                with server.connect() as sock:
+                    with sock.makefile("rb") as lines:
+                        group = int(lines.readline().split()[1])  # sh leads its group
+                    self.addCleanup(self.kill_group, group)
+                    server.process.send_signal(signals[0])
+                    if len(signals) > 1:
+                        self.wait_until_refused(server)  # the first one was handled
+                        server.process.send_signal(signals[1])
+                    self.assertEqual(server.process.wait(TIMEOUT), 0)
+                    sock.settimeout(2)  # the server is gone: so must the connection be
+                    try:
+                        self.assertEqual(sock.recv(1), b"")
+                    except ConnectionResetError:
+                        pass
+
+    @staticmethod
+    def kill_group(group):
+        """Kill what is left of a process group, if anything."""
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def test_a_rules_file_that_is_not_cdb_denies_with_a_warning(self):
         directory = tempfile.mkdtemp()
