@@ -1814,6 +1814,7 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
 _EXIT_USAGE = 100      # a bad option or argument, as ucspi-tcp's usage errors
 _EXIT_TEMPORARY = 111  # a failure worth retrying (address in use), djb's code
 _END_GRACE = 1.0       # seconds a PROGRAM's process group has from SIGTERM to SIGKILL
+_EXIT_POLL = 0.02      # seconds between looks at whether PROGRAM exited, without pidfd
 
 _USAGE = ("usage: python -m tcpserver [options] HOST PORT PROGRAM [ARG ...]\n"
           "       python -m tcpserver [options] HOST PORT --call MODULE:FUNCTION\n"
@@ -2385,20 +2386,25 @@ class _ProgramHandler(_CommandConnection, socketserver.BaseRequestHandler):
         try:
             server.started(child.pid, self.client_address, fields)
             if piped:
-                try:
-                    _pump(self.request, child, server.idle_timeout)
-                except BaseException:
-                    _end_groups([child.pid], [child])  # the connection is over: so is PROGRAM
-                    raise
-                finally:
-                    child.stdin.close()
-                    child.stdout.close()
+                self.pump(child)
         finally:
             code = child.wait()
             server.reaped(child)
             # The raw wait status, as ucspi-tcp logs it: exit code << 8, or
             # the signal that killed it.
             self.status = code << 8 if code >= 0 else -code
+
+    def pump(self, child: Any) -> None:
+        """Carry the connection to and from PROGRAM's pipes (_Pump); if
+        that fails (idle timeout, client gone), end PROGRAM's group."""
+        try:
+            _Pump(self.request, child).run(self.server.idle_timeout)
+        except BaseException:
+            _end_groups([child.pid], [child])  # the connection is over: so is PROGRAM
+            raise
+        finally:
+            child.stdin.close()
+            child.stdout.close()
 
 
 def _signal_group(group: int, signum: int) -> bool:
@@ -2434,75 +2440,176 @@ def _end_groups(groups: List[int], children: List[Any],
         _signal_group(group, signal.SIGKILL)
 
 
-def _pump(connection: socket.socket, child: Any,
-          timeout: Optional[float]) -> None:
-    """Copy between connection and child's pipes until its output ends.
+class _Pump:
+    """Carries bytes between a connection and PROGRAM's pipes, for piped
+    mode (TLS, --timeout): one method per direction.
 
     One thread, non-blocking, so a TLS connection is never used by two
-    threads at once.  Raises IdleTimeout after timeout seconds in which
-    nothing moved either way.
+    threads at once.  The client's bytes go to PROGRAM's stdin for as long
+    as it is open, as they would from the socket itself; PROGRAM's output
+    goes to the client until PROGRAM closes its stdout.
     """
-    import ssl  # for its exceptions; only the command line pumps
-    would_block = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-    connection.setblocking(False)
-    to_child, to_client = bytearray(), bytearray()
-    child_in, child_out = child.stdin, child.stdout
-    os.set_blocking(child_in.fileno(), False)
-    os.set_blocking(child_out.fileno(), False)
-    client_open = True
-    with selectors.DefaultSelector() as selector:
-        while child_out is not None or to_client:
-            _watch(selector, connection, client_open and not to_child,
-                   bool(to_client))
-            _watch(selector, child_in, bool(to_child), False)
-            _watch(selector, child_out, not to_client, False)
-            pending = getattr(connection, "pending", lambda: 0)()
-            if not pending and not selector.select(timeout):
-                raise IdleTimeout("nothing moved for %s seconds" % timeout)
-            if client_open and not to_child:
-                data = _receive(connection, would_block)
-                if data is not None:
-                    to_child += data
-                    client_open = bool(data)
-            if to_child and child_in is not None:
-                try:
-                    del to_child[:os.write(child_in.fileno(), to_child)]
-                except BlockingIOError:
-                    pass
-                except BrokenPipeError:
-                    to_child.clear()
-                    client_open = False
-            if not client_open and not to_child and child_in is not None:
-                _watch(selector, child_in, False, False)
-                child_in.close()
-                child_in = None
-            if not to_client and child_out is not None:
-                try:
-                    data = os.read(child_out.fileno(), 65536)
-                except BlockingIOError:
-                    data = None
-                if data == b"":
-                    _watch(selector, child_out, False, False)
-                    child_out.close()
-                    child_out = None
-                elif data:
-                    to_client += data
-            if to_client:
-                try:
-                    del to_client[:connection.send(to_client)]
-                except would_block:
-                    pass
+
+    def __init__(self, connection: socket.socket, child: Any) -> None:
+        import ssl  # for its exceptions; only the command line pumps
+        self.would_block = (BlockingIOError, ssl.SSLWantReadError,
+                            ssl.SSLWantWriteError)
+        self.connection = connection
+        self.child = child  # subprocess.Popen
+        self.stdin = child.stdin  # type: Any  # None once closed
+        self.stdout = child.stdout  # type: Any  # None once closed
+        self.inward = bytearray()  # from the client, for PROGRAM
+        self.outward = bytearray()  # from PROGRAM, for the client
+        self.client_open = True  # till the client's end, or PROGRAM's stdin's
+        # Both closed by run():
+        self.selector = selectors.DefaultSelector()
+        self.exit_fd = _pidfd(child.pid)  # readable once PROGRAM exits
+        connection.setblocking(False)
+        os.set_blocking(self.stdin.fileno(), False)
+        os.set_blocking(self.stdout.fileno(), False)
+
+    def run(self, timeout: Optional[float]) -> None:
+        """Pump until PROGRAM has closed its stdout and exited.
+
+        Raises IdleTimeout after timeout seconds in which nothing moved
+        either way; the caller ends PROGRAM then.
+        """
+        moved_at = time.monotonic()
+        try:
+            while not self.finished():
+                reading = self.watch()
+                if not (reading and _pending(self.connection)):
+                    self.selector.select(self.wait(timeout, moved_at))
+                moved = self.to_program()
+                moved = self.to_client() or moved
+                if moved:
+                    moved_at = time.monotonic()
+                elif (timeout is not None
+                      and time.monotonic() - moved_at >= timeout):
+                    raise IdleTimeout("nothing moved for %s seconds" % timeout)
+        finally:
+            self.selector.close()
+            if self.exit_fd is not None:
+                os.close(self.exit_fd)
+
+    def finished(self) -> bool:
+        """True once PROGRAM's output is all out, its stdout closed, and it
+        has exited (reaped here: its returncode is set)."""
+        return self.output_done() and self.child.poll() is not None
+
+    def output_done(self) -> bool:
+        """True once PROGRAM's stdout is closed and all it wrote is out:
+        from then on only PROGRAM's exit (or the client's input) can come."""
+        return self.stdout is None and not self.outward
+
+    def watch(self) -> bool:
+        """Register what the next select() waits for; return True if that
+        includes reading the client."""
+        reading = (self.client_open and self.stdin is not None
+                   and not self.inward)
+        _watch(self.selector, self.connection, reading, bool(self.outward))
+        _watch(self.selector, self.stdin, False, bool(self.inward))
+        _watch(self.selector, self.stdout, not self.outward, False)
+        _watch(self.selector, self.exit_fd, self.output_done(), False)
+        return reading
+
+    def wait(self, timeout: Optional[float],
+             moved_at: float) -> Optional[float]:
+        """Seconds select() may wait: what is left of timeout, and at most
+        _EXIT_POLL once only polling shows PROGRAM's exit."""
+        left = None  # type: Optional[float]
+        if timeout is not None:
+            left = max(0.0, moved_at + timeout - time.monotonic())
+        if self.output_done() and self.exit_fd is None:
+            left = _EXIT_POLL if left is None else min(left, _EXIT_POLL)
+        return left
+
+    def to_program(self) -> bool:
+        """Move the client's bytes on to PROGRAM's stdin; True if any moved.
+
+        Closes the stdin once the client has ended and all it sent is
+        written.  Once PROGRAM closes its stdin, the client's bytes are
+        left unread, as they would be on a socket that PROGRAM reads.
+        """
+        if self.stdin is None:
+            return False
+        moved = False
+        if self.client_open and not self.inward:
+            data = self.receive()
+            if data is not None:
+                self.inward += data
+                self.client_open = bool(data)
+                moved = True
+        if self.inward:
+            try:
+                del self.inward[:os.write(self.stdin.fileno(), self.inward)]
+                moved = True
+            except BlockingIOError:
+                pass
+            except BrokenPipeError:
+                self.inward.clear()
+                self.client_open = False
+        if not self.client_open and not self.inward:
+            self.close(self.stdin)
+            self.stdin = None
+        return moved
+
+    def to_client(self) -> bool:
+        """Move PROGRAM's output on to the client; True if any moved.
+
+        A client gone raises the socket's error: the caller ends PROGRAM.
+        """
+        moved = False
+        if self.stdout is not None and not self.outward:
+            try:
+                data = os.read(self.stdout.fileno(), 65536)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                self.close(self.stdout)
+                self.stdout = None
+            elif data:
+                self.outward += data
+            moved = data is not None
+        if self.outward:
+            try:
+                del self.outward[:self.connection.send(self.outward)]
+                moved = True
+            except self.would_block:
+                pass
+        return moved
+
+    def receive(self) -> Optional[bytes]:
+        """Return what the client sent (b"" at its end), or None if nothing yet."""
+        try:
+            return self.connection.recv(65536)
+        except self.would_block:
+            return None
+        except ConnectionResetError:
+            return b""
+
+    def close(self, stream: Any) -> None:
+        """Stop watching one of PROGRAM's pipes, and close it."""
+        _watch(self.selector, stream, False, False)
+        stream.close()
 
 
-def _receive(connection: socket.socket,
-             would_block: Tuple[type, ...]) -> Optional[bytes]:
-    """Return what the client sent (b"" at its end), or None if nothing yet."""
-    try:
-        return connection.recv(65536)
-    except would_block:
+def _pidfd(pid: int) -> Optional[int]:
+    """Return a descriptor that turns readable when process pid exits, or
+    None where there is none (os.pidfd_open: Linux 5.3+, Python 3.9+)."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
         return None
-    except ConnectionResetError:
-        return b""
+    try:
+        return int(pidfd_open(pid))
+    except OSError:  # an older kernel (ENOSYS), or no descriptor left
+        return None
+
+
+def _pending(connection: socket.socket) -> int:
+    """Return how many bytes TLS has decrypted but not yet handed over
+    (select() cannot see them); 0 for a plain socket."""
+    return int(getattr(connection, "pending", lambda: 0)())
 
 
 def _watch(selector: Any, stream: Any, read: bool, write: bool) -> None:
@@ -2613,7 +2720,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         handler, thunk = _command_target(options)
         context = _tls_context(options)
         if options.timeout is not None:
-            import ssl  # noqa: F401  # for _pump(), while the files are ours to read
+            import ssl  # noqa: F401  # for _Pump, while the files are ours to read
     except _UsageError as exc:
         sys.stderr.write("tcpserver: usage error: %s (see --help)\n" % exc)
         return _EXIT_USAGE

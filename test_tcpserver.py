@@ -2793,6 +2793,39 @@ class TestCommandLine(unittest.TestCase):
         self.assertTrue(pid_gone(pid))
         self.assertEqual(server.stop()[0], 0)
 
+    def test_idle_timeout_ends_a_program_that_closed_its_output(self):
+        server = CommandLine(self, ["-v1", "-c", "1", "--timeout", "0.3", "127.0.0.1", "0",
+                                    "sh", "-c", "echo $$; exec >&-; exec sleep 30"])
+        pids = []
+        for _ in range(2):  # the second is served only once the first frees the slot
+            with server.connect() as sock, sock.makefile("rb") as lines:
+                pids.append(int(lines.readline()))
+                with self.assertRaises(ConnectionResetError):
+                    read_all(sock)  # we stay silent: the server gives up
+        for pid in pids:
+            server.wait_for(r"end %d status 15\n" % pid)
+        self.assertEqual(server.stop()[0], 0)
+
+    def test_a_program_that_closed_its_output_still_gets_all_the_input(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        payload = os.urandom(2 * 1024 * 1024)
+        for mode, options in (("socket", []), ("piped", ["--timeout", "5"])):
+            with self.subTest(mode=mode):
+                path = os.path.join(directory, mode)
+                server = CommandLine(self, ["-1v"] + options + ["127.0.0.1", "0",
+                                                                "sh", "-c", 'exec cat >"$0"', path])
+                with server.connect() as sock:
+                    sock.sendall(payload)
+                    sock.shutdown(socket.SHUT_WR)
+                    self.assertEqual(read_all(sock), b"")  # an orderly end, no reset
+                server.wait_for(r"end \d+ status 0\n")
+                with open(path, "rb") as file:
+                    received = file.read()
+                self.assertEqual(len(received), len(payload))
+                self.assertTrue(received == payload)
+                self.assertEqual(server.stop()[0], 0)
+
     def test_no_connection_outlives_the_server(self):
         # sh waits for sleep, which holds the connection too: when the server
         # stops, it must end both, or the client stays connected to nothing.
