@@ -1813,8 +1813,8 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
 
 _EXIT_USAGE = 100      # a bad option or argument, as ucspi-tcp's usage errors
 _EXIT_TEMPORARY = 111  # a failure worth retrying (address in use), djb's code
-_END_GRACE = 1.0       # seconds a PROGRAM's process group has from SIGTERM to SIGKILL
-_EXIT_POLL = 0.02      # seconds between looks at whether PROGRAM exited, without pidfd
+_END_GRACE = 1.0       # seconds a PROGRAM's group has from SIGTERM to SIGKILL
+_EXIT_POLL = 0.02      # seconds between looks at PROGRAM's exit, without pidfd
 
 _USAGE = ("usage: python -m tcpserver [options] HOST PORT PROGRAM [ARG ...]\n"
           "       python -m tcpserver [options] HOST PORT --call MODULE:FUNCTION\n"
@@ -1886,7 +1886,7 @@ class _Options:
     limit = 40
     backlog = 20
     verbosity = 1          # 0: -q, 1: -Q (errors), 2: -v
-    banner = b""           # -B's bytes, as given (os.fsencode undoes argv's decoding)
+    banner = b""           # -B's bytes as given: os.fsencode() of the argument
     print_port = False
     nodelay = True
     remote_host = True     # -h
@@ -2072,7 +2072,7 @@ def _cdb_get(rules: int, size: int, key: bytes) -> Optional[bytes]:
 
 
 def _cdb_pair(rules: int, size: int, position: int) -> Tuple[int, int]:
-    """Return the two little-endian 32-bit numbers at position of a cdb file."""
+    """Return the two little-endian 32-bit numbers at position in a cdb."""
     first, second = struct.unpack("<II", _cdb_read(rules, size, position, 8))
     return first, second
 
@@ -2083,7 +2083,9 @@ def _cdb_read(rules: int, size: int, position: int, count: int) -> bytes:
     Checked against size first, so a damaged length cannot make us
     allocate more than the file holds.
     """
-    data = os.pread(rules, count, position) if position + count <= size else b""
+    data = b""
+    if position + count <= size:
+        data = os.pread(rules, count, position)
     if len(data) != count:  # past the end, or the file shrank meanwhile
         raise ValueError("the file ends at %d, before byte %d"
                          % (size, position + count))
@@ -2311,8 +2313,9 @@ class _CommandServer(ThreadingTCPServer):
             self.end_programs()
 
     def _exit_now_hook(self) -> None:
-        """SIGKILL every PROGRAM's process group, without waiting: we are exiting."""
-        for group in [child.pid for child in list(self._children)] + list(self._left):
+        """SIGKILL every PROGRAM's process group, at once: we are exiting."""
+        groups = [child.pid for child in list(self._children)]
+        for group in groups + list(self._left):
             _signal_group(group, signal.SIGKILL)
 
     def end_programs(self) -> None:
@@ -2400,7 +2403,8 @@ class _ProgramHandler(_CommandConnection, socketserver.BaseRequestHandler):
         try:
             _Pump(self.request, child).run(self.server.idle_timeout)
         except BaseException:
-            _end_groups([child.pid], [child])  # the connection is over: so is PROGRAM
+            # The connection is over, and so is PROGRAM.
+            _end_groups([child.pid], [child])
             raise
         finally:
             child.stdin.close()
@@ -2580,7 +2584,8 @@ class _Pump:
         return moved
 
     def receive(self) -> Optional[bytes]:
-        """Return what the client sent (b"" at its end), or None if nothing yet."""
+        """Return what the client sent (b"" at its end), or None if nothing
+        came yet."""
         try:
             return self.connection.recv(65536)
         except self.would_block:
@@ -2720,7 +2725,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         handler, thunk = _command_target(options)
         context = _tls_context(options)
         if options.timeout is not None:
-            import ssl  # noqa: F401  # for _Pump, while the files are ours to read
+            import ssl  # noqa: F401  # for _Pump, while we may read the files
     except _UsageError as exc:
         sys.stderr.write("tcpserver: usage error: %s (see --help)\n" % exc)
         return _EXIT_USAGE
