@@ -1343,7 +1343,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self.log("waiting for requests...", logging.INFO)
         self.serve_forever(poll_interval)
 
-    def serve_workers(self, workers: int, poll_interval: float = 0.5) -> None:
+    def serve_workers(self, workers: int, poll_interval: float = 0.5, *,
+                      ready: Optional[Callable[[], None]] = None) -> None:
         """Serve in worker processes that share the listening socket (POSIX).
 
         Forks workers processes; each serves as serve_forever() does, with
@@ -1352,6 +1353,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         a worker that dies is replaced; SIGTERM or SIGINT is passed on to
         every worker (a second one, half a second or more after the first,
         makes them stop at once), and this returns once all have ended.
+        ready(), if given, is called once, in this process, as soon as the
+        signal handlers are in place and before any worker starts: the place
+        to say the server is up, as a signal sent from then on is handled.
         Call it from the main thread, before this process starts threads or
         child processes of its own (fork copies only the caller's thread,
         and the supervisor reaps any child), then call server_close() here
@@ -1373,6 +1377,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         blocking = self.socket.getblocking()
         self.socket.setblocking(False)
         try:
+            if ready is not None:
+                ready()
             while running or not stopping:
                 # Blocked until the new pids are in running, for pass_on().
                 signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
@@ -2139,6 +2145,8 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
 
 _EXIT_USAGE = 100      # a bad option or argument, as ucspi-tcp's usage errors
 _EXIT_TEMPORARY = 111  # a failure worth retrying (address in use), djb's code
+_END_GRACE = 1.0       # seconds a PROGRAM's group has from SIGTERM to SIGKILL
+_EXIT_POLL = 0.02      # seconds between looks at PROGRAM's exit, without pidfd
 
 _USAGE = ("usage: python -m tcpserver [options] HOST PORT PROGRAM [ARG ...]\n"
           "       python -m tcpserver [options] HOST PORT --call MODULE:FUNCTION\n"
@@ -2171,7 +2179,7 @@ ucspi-tcp's options (same letters, same meanings):
   -r, -R, -t N  ident lookups: accepted, never done (no TCPREMOTEINFO)
   -o, -O     keep / clear (default) IPv4 options of each connection
   -x FILE    follow the rules in FILE, a cdb made by tcprules(1): allow,
-             deny, set environment variables (FILE is read per connection)
+             deny, set environment variables (FILE is opened per connection)
   -X         with -x, allow connections if FILE does not exist
   -u UID, -g GID, -U   drop to that uid/gid ($UID, $GID) after binding
 
@@ -2210,7 +2218,7 @@ class _Options:
     limit = 40
     backlog = 20
     verbosity = 1          # 0: -q, 1: -Q (errors), 2: -v
-    banner = ""
+    banner = b""           # -B's bytes as given: os.fsencode() of the argument
     print_port = False
     nodelay = True
     remote_host = True     # -h
@@ -2321,7 +2329,7 @@ def _apply_option(options: _Options, option: str, value: str) -> None:
     elif option == "-b":
         options.backlog = _number(option, value, 0, 2 ** 31 - 1)
     elif option == "-B":
-        options.banner = value
+        options.banner = os.fsencode(value)
     elif option == "-l":
         options.local_host = value
     elif option == "-x":
@@ -2364,43 +2372,73 @@ def _port_number(text: str) -> int:
                           % text) from None
 
 
-def _cdb_get(data: bytes, key: bytes) -> Optional[bytes]:
-    """Return the first value of key in a cdb file's bytes, or None.
+def _cdb_get(rules: int, size: int, key: bytes) -> Optional[bytes]:
+    """Return the first value of key in a cdb file, or None.
 
-    cdb (D. J. Bernstein's constant database, which tcprules writes): 256
-    (position, slots) pairs, then records, then the hash tables.
+    rules is the file's descriptor, size its length.  cdb (D. J.
+    Bernstein's constant database, which tcprules writes): 256 (position,
+    slots) pairs, then records, then the hash tables.  Only what the lookup
+    needs is read, a few small reads whatever the file's size: the key's
+    pair, the slots it probes, the record.  Raises ValueError where the
+    file ends before what it points to.
     """
     digest = 5381
     for byte in key:
         digest = ((digest * 33) ^ byte) & 0xFFFFFFFF
-    position, slots = struct.unpack_from("<II", data, (digest & 255) * 8)
+    position, slots = _cdb_pair(rules, size, (digest & 255) * 8)
     if not slots:
         return None
     slot = (digest >> 8) % slots
     for _ in range(slots):
-        found, record = struct.unpack_from("<II", data, position + slot * 8)
+        found, record = _cdb_pair(rules, size, position + slot * 8)
         if not record:
             return None
         if found == digest:
-            key_length, value_length = struct.unpack_from("<II", data, record)
-            start = record + 8
-            if data[start:start + key_length] == key:
-                start += key_length
-                return data[start:start + value_length]
+            key_length, value_length = _cdb_pair(rules, size, record)
+            if (key_length == len(key)
+                    and _cdb_read(rules, size, record + 8, key_length) == key):
+                return _cdb_read(rules, size, record + 8 + key_length,
+                                 value_length)
         slot = (slot + 1) % slots
     return None
 
 
+def _cdb_pair(rules: int, size: int, position: int) -> Tuple[int, int]:
+    """Return the two little-endian 32-bit numbers at position in a cdb."""
+    first, second = struct.unpack("<II", _cdb_read(rules, size, position, 8))
+    return first, second
+
+
+def _cdb_read(rules: int, size: int, position: int, count: int) -> bytes:
+    """Return count bytes at position of a cdb file; ValueError past its end.
+
+    Checked against size first, so a damaged length cannot make us
+    allocate more than the file holds.
+    """
+    data = b""
+    if position + count <= size:
+        data = os.pread(rules, count, position)
+    if len(data) != count:  # past the end, or the file shrank meanwhile
+        raise ValueError("the file ends at %d, before byte %d"
+                         % (size, position + count))
+    return data
+
+
 def _rule_keys(ip: str, host: Optional[str]) -> List[str]:
-    """The keys tcprules' cdb is searched for, in tcprules(1)'s order."""
+    """The keys tcprules' cdb is searched for, in ucspi-tcp's order.
+
+    The address; =host; the address's prefixes that end in "." or ":"
+    (not ":" alone), longest first, as ucspi-tcp's IPv6 patch has it
+    ("127.0.", "2001:db8:"); =.suffix for each "." in host; "="; "".
+    """
     keys = [ip]
     if host:
         keys.append("=" + host)
-    parts = ip.split(".")
-    keys += [".".join(parts[:n]) + "." for n in range(len(parts) - 1, 0, -1)]
+    keys += [ip[:end] for end in range(len(ip) - 1, 0, -1)
+             if ip[end - 1] == "." or (ip[end - 1] == ":" and end > 1)]
     if host:
-        labels = host.split(".")
-        keys += ["=." + ".".join(labels[n:]) for n in range(1, len(labels))]
+        keys += ["=" + host[start:] for start in range(len(host))
+                 if host[start] == "."]
         keys.append("=")
     keys.append("")
     return keys
@@ -2409,24 +2447,27 @@ def _rule_keys(ip: str, host: Optional[str]) -> List[str]:
 def _follow_rules(path: str, ip: str, host: Optional[str],
                   optional: bool) -> Optional[Dict[str, str]]:
     """Return the environment tcprules' file at path sets for a client, or
-    None if it denies the client.  The file is read for each connection, so
-    tcprules can replace it while the server runs."""
+    None if it denies the client.  The file is opened for each connection,
+    so tcprules can replace it while the server runs; only the few bytes
+    each key's lookup needs are read, so a large file costs no memory."""
     try:
-        with open(path, "rb") as rules:
-            data = rules.read()
+        rules = open(path, "rb", buffering=0)
     except FileNotFoundError:
         if optional:
             return {}
         raise
-    try:
-        for key in _rule_keys(ip, host):
-            value = _cdb_get(data, key.encode())
-            if value is not None:
-                break
-        else:
-            return {}
-    except struct.error:
-        raise ValueError("%s is not a cdb file (made by tcprules)" % path) from None
+    with rules:
+        size = os.fstat(rules.fileno()).st_size
+        try:
+            for key in _rule_keys(ip, host):
+                value = _cdb_get(rules.fileno(), size, key.encode())
+                if value is not None:
+                    break
+            else:
+                return {}
+        except ValueError:
+            raise ValueError("%s is not a cdb file (made by tcprules)"
+                             % path) from None
     environment = {}
     for item in value.split(b"\0"):
         if item == b"D":
@@ -2464,6 +2505,10 @@ class _CommandServer(ThreadingTCPServer):
         self._running = 0
         self._numbers = 0
         self._children = set()  # type: Set[Any]  # subprocess.Popen
+        # The process groups of PROGRAMs that ended while others of the
+        # group still ran, each group's id its PROGRAM's pid: the server
+        # ends them too when it stops, as they may hold a connection.
+        self._left = set()  # type: Set[int]
         super().__init__(*args, **kwargs)
 
     def say(self, line: str) -> None:
@@ -2557,16 +2602,21 @@ class _CommandServer(ThreadingTCPServer):
             except OSError:
                 pass  # not every system lets them be cleared
         if self.options.banner:
-            connection.sendall(self.options.banner.encode())
+            connection.sendall(self.options.banner)
 
     def spawned(self, child: Any) -> None:
-        """Remember a running PROGRAM, so server_close() can kill it."""
+        """Remember a running PROGRAM, so server_close() can end it."""
         with self._log_lock:
             self._children.add(child)
 
     def reaped(self, child: Any) -> None:
+        """Forget a PROGRAM that ended, but not its process group while
+        processes it started still run there."""
         with self._log_lock:
             self._children.discard(child)
+            self._left.add(child.pid)
+            self._left = {group for group in self._left
+                          if _signal_group(group, 0)}  # gone: forgotten
 
     def shutdown_request(self, request: socket.socket) -> None:
         """Close our copy only, where PROGRAM has the socket itself: it
@@ -2578,11 +2628,13 @@ class _CommandServer(ThreadingTCPServer):
             super().shutdown_request(request)
 
     def server_close(self) -> None:
-        """Drain as ThreadingTCPServer does, but kill the PROGRAMs still
-        running after drain_timeout: a closed connection may not end them."""
+        """Drain as ThreadingTCPServer does, but end the PROGRAMs still
+        running after drain_timeout, and whatever they left running: a
+        closed connection may not end them, and their processes hold the
+        client's connection open as long as they run."""
         killer = None
         if self.drain_timeout is not None:
-            killer = threading.Timer(self.drain_timeout, self.kill_children)
+            killer = threading.Timer(self.drain_timeout, self.end_programs)
             killer.start()
         try:
             super().server_close()
@@ -2590,30 +2642,34 @@ class _CommandServer(ThreadingTCPServer):
             if killer is not None:
                 killer.cancel()
                 killer.join()
-            self.kill_children()
+            self.end_programs()
 
     def _exit_now_hook(self) -> None:
-        """Kill every PROGRAM still running, without waiting: we are exiting."""
-        for child in list(self._children):
-            try:
-                child.kill()
-            except OSError:
-                pass  # it ended meanwhile
+        """SIGKILL every PROGRAM's process group, at once: we are exiting."""
+        groups = [child.pid for child in list(self._children)]
+        for group in groups + list(self._left):
+            _signal_group(group, signal.SIGKILL)
 
-    def kill_children(self) -> None:
-        """Kill every PROGRAM still running, once each, and reap it."""
+    def end_programs(self) -> None:
+        """End the process group of every PROGRAM still running, and those
+        that ended PROGRAMs left running (SIGTERM, then SIGKILL); reap the
+        PROGRAMs.  Each group is ended once, though the PROGRAMs' threads
+        note the groups again as they reap them meanwhile."""
         with self._log_lock:
             children = list(self._children)
-            self._children.clear()
+            left = list(self._left)
         for child in children:
             self.log("killing %s (pid %d): still running after the drain"
                      % (child.args[0], child.pid), logging.WARNING)
-            try:
-                child.kill()
-            except ProcessLookupError:
-                pass  # it ended and was reaped meanwhile
+        for group in left:
+            self.log("killing process group %d: left running by its PROGRAM"
+                     % group, logging.WARNING)
+        groups = [child.pid for child in children] + left
+        _end_groups(groups, children)
         for child in children:
             child.wait()
+        with self._log_lock:
+            self._left.difference_update(groups)
 
 
 class _CommandConnection:
@@ -2655,21 +2711,17 @@ class _ProgramHandler(_CommandConnection, socketserver.BaseRequestHandler):
             self.request.setblocking(True)  # the child shares the flags
             stream = self.request.fileno()
         self.status = _EXIT_TEMPORARY << 8  # as ucspi-tcp's child that cannot exec
+        # A session of its own, so it and its children can be ended together
+        # (killpg); unlike preexec_fn, start_new_session is safe in threads.
         child = subprocess.Popen(server.options.program, stdin=stream,
-                                 stdout=stream, env=environment)
+                                 stdout=stream, env=environment,
+                                 start_new_session=True)
         server.spawned(child)
         self.number = child.pid
         try:
             server.started(child.pid, self.client_address, fields)
             if piped:
-                try:
-                    _pump(self.request, child, server.idle_timeout)
-                except BaseException:
-                    _end_child(child)  # the connection is over: so is PROGRAM
-                    raise
-                finally:
-                    child.stdin.close()
-                    child.stdout.close()
+                self.pump(child)
         finally:
             code = child.wait()
             server.reaped(child)
@@ -2677,87 +2729,224 @@ class _ProgramHandler(_CommandConnection, socketserver.BaseRequestHandler):
             # the signal that killed it.
             self.status = code << 8 if code >= 0 else -code
 
+    def pump(self, child: Any) -> None:
+        """Carry the connection to and from PROGRAM's pipes (_Pump); if
+        that fails (idle timeout, client gone), end PROGRAM's group."""
+        try:
+            _Pump(self.request, child).run(self.server.idle_timeout)
+        except BaseException:
+            # The connection is over, and so is PROGRAM.
+            _end_groups([child.pid], [child])
+            raise
+        finally:
+            child.stdin.close()
+            child.stdout.close()
 
-def _end_child(child: Any, grace: float = 1.0) -> None:
-    """Ask child to end (SIGTERM), and make it (SIGKILL) after grace seconds."""
+
+def _signal_group(group: int, signum: int) -> bool:
+    """Send signum (0: none, a question) to process group group; return
+    False if no process of it is left that we may signal."""
     try:
-        child.terminate()
-        child.wait(grace)
-    except subprocess.TimeoutExpired:
-        child.kill()
-    except OSError:
-        pass  # it ended meanwhile
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # left to processes of another user: not ours
+        return False
+    return True
 
 
-def _pump(connection: socket.socket, child: Any,
-          timeout: Optional[float]) -> None:
-    """Copy between connection and child's pipes until its output ends.
+def _end_groups(groups: List[int], children: List[Any],
+                grace: float = _END_GRACE) -> None:
+    """Ask the process groups to end (SIGTERM), and make what is left of
+    them end (SIGKILL) after grace seconds.
+
+    children (subprocess.Popen) are the PROGRAMs among the groups' leaders:
+    polled meanwhile, so one that no other thread reaps does not keep its
+    group alive as a zombie.  Returns once every group is gone or has had
+    its SIGKILL.  A group has no descriptor to wait on, hence the polling.
+    """
+    left = [group for group in groups if _signal_group(group, signal.SIGTERM)]
+    deadline = time.monotonic() + grace
+    while left and time.monotonic() < deadline:
+        time.sleep(0.01)
+        for child in children:
+            child.poll()
+        left = [group for group in left if _signal_group(group, 0)]
+    for group in left:
+        _signal_group(group, signal.SIGKILL)
+
+
+class _Pump:
+    """Carries bytes between a connection and PROGRAM's pipes, for piped
+    mode (TLS, --timeout): one method per direction.
 
     One thread, non-blocking, so a TLS connection is never used by two
-    threads at once.  Raises IdleTimeout after timeout seconds in which
-    nothing moved either way.
+    threads at once.  The client's bytes go to PROGRAM's stdin for as long
+    as it is open, as they would from the socket itself; PROGRAM's output
+    goes to the client until PROGRAM closes its stdout.
     """
-    import ssl  # for its exceptions; only the command line pumps
-    would_block = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-    connection.setblocking(False)
-    to_child, to_client = bytearray(), bytearray()
-    child_in, child_out = child.stdin, child.stdout
-    os.set_blocking(child_in.fileno(), False)
-    os.set_blocking(child_out.fileno(), False)
-    client_open = True
-    with selectors.DefaultSelector() as selector:
-        while child_out is not None or to_client:
-            _watch(selector, connection, client_open and not to_child,
-                   bool(to_client))
-            _watch(selector, child_in, bool(to_child), False)
-            _watch(selector, child_out, not to_client, False)
-            pending = getattr(connection, "pending", lambda: 0)()
-            if not pending and not selector.select(timeout):
-                raise IdleTimeout("nothing moved for %s seconds" % timeout)
-            if client_open and not to_child:
-                data = _receive(connection, would_block)
-                if data is not None:
-                    to_child += data
-                    client_open = bool(data)
-            if to_child and child_in is not None:
-                try:
-                    del to_child[:os.write(child_in.fileno(), to_child)]
-                except BlockingIOError:
-                    pass
-                except BrokenPipeError:
-                    to_child.clear()
-                    client_open = False
-            if not client_open and not to_child and child_in is not None:
-                _watch(selector, child_in, False, False)
-                child_in.close()
-                child_in = None
-            if not to_client and child_out is not None:
-                try:
-                    data = os.read(child_out.fileno(), 65536)
-                except BlockingIOError:
-                    data = None
-                if data == b"":
-                    _watch(selector, child_out, False, False)
-                    child_out.close()
-                    child_out = None
-                elif data:
-                    to_client += data
-            if to_client:
-                try:
-                    del to_client[:connection.send(to_client)]
-                except would_block:
-                    pass
+
+    def __init__(self, connection: socket.socket, child: Any) -> None:
+        import ssl  # for its exceptions; only the command line pumps
+        self.would_block = (BlockingIOError, ssl.SSLWantReadError,
+                            ssl.SSLWantWriteError)
+        self.connection = connection
+        self.child = child  # subprocess.Popen
+        self.stdin = child.stdin  # type: Any  # None once closed
+        self.stdout = child.stdout  # type: Any  # None once closed
+        self.inward = bytearray()  # from the client, for PROGRAM
+        self.outward = bytearray()  # from PROGRAM, for the client
+        self.client_open = True  # till the client's end, or PROGRAM's stdin's
+        # Both closed by run():
+        self.selector = selectors.DefaultSelector()
+        self.exit_fd = _pidfd(child.pid)  # readable once PROGRAM exits
+        connection.setblocking(False)
+        os.set_blocking(self.stdin.fileno(), False)
+        os.set_blocking(self.stdout.fileno(), False)
+
+    def run(self, timeout: Optional[float]) -> None:
+        """Pump until PROGRAM has closed its stdout and exited.
+
+        Raises IdleTimeout after timeout seconds in which nothing moved
+        either way; the caller ends PROGRAM then.
+        """
+        moved_at = time.monotonic()
+        try:
+            while not self.finished():
+                reading = self.watch()
+                if not (reading and _pending(self.connection)):
+                    self.selector.select(self.wait(timeout, moved_at))
+                moved = self.to_program()
+                moved = self.to_client() or moved
+                if moved:
+                    moved_at = time.monotonic()
+                elif (timeout is not None
+                      and time.monotonic() - moved_at >= timeout):
+                    raise IdleTimeout("nothing moved for %s seconds" % timeout)
+        finally:
+            self.selector.close()
+            if self.exit_fd is not None:
+                os.close(self.exit_fd)
+
+    def finished(self) -> bool:
+        """True once PROGRAM's output is all out, its stdout closed, and it
+        has exited (reaped here: its returncode is set)."""
+        return self.output_done() and self.child.poll() is not None
+
+    def output_done(self) -> bool:
+        """True once PROGRAM's stdout is closed and all it wrote is out:
+        from then on only PROGRAM's exit (or the client's input) can come."""
+        return self.stdout is None and not self.outward
+
+    def watch(self) -> bool:
+        """Register what the next select() waits for; return True if that
+        includes reading the client."""
+        reading = (self.client_open and self.stdin is not None
+                   and not self.inward)
+        _watch(self.selector, self.connection, reading, bool(self.outward))
+        _watch(self.selector, self.stdin, False, bool(self.inward))
+        _watch(self.selector, self.stdout, not self.outward, False)
+        _watch(self.selector, self.exit_fd, self.output_done(), False)
+        return reading
+
+    def wait(self, timeout: Optional[float],
+             moved_at: float) -> Optional[float]:
+        """Seconds select() may wait: what is left of timeout, and at most
+        _EXIT_POLL once only polling shows PROGRAM's exit."""
+        left = None  # type: Optional[float]
+        if timeout is not None:
+            left = max(0.0, moved_at + timeout - time.monotonic())
+        if self.output_done() and self.exit_fd is None:
+            left = _EXIT_POLL if left is None else min(left, _EXIT_POLL)
+        return left
+
+    def to_program(self) -> bool:
+        """Move the client's bytes on to PROGRAM's stdin; True if any moved.
+
+        Closes the stdin once the client has ended and all it sent is
+        written.  Once PROGRAM closes its stdin, the client's bytes are
+        left unread, as they would be on a socket that PROGRAM reads.
+        """
+        if self.stdin is None:
+            return False
+        moved = False
+        if self.client_open and not self.inward:
+            data = self.receive()
+            if data is not None:
+                self.inward += data
+                self.client_open = bool(data)
+                moved = True
+        if self.inward:
+            try:
+                del self.inward[:os.write(self.stdin.fileno(), self.inward)]
+                moved = True
+            except BlockingIOError:
+                pass
+            except BrokenPipeError:
+                self.inward.clear()
+                self.client_open = False
+        if not self.client_open and not self.inward:
+            self.close(self.stdin)
+            self.stdin = None
+        return moved
+
+    def to_client(self) -> bool:
+        """Move PROGRAM's output on to the client; True if any moved.
+
+        A client gone raises the socket's error: the caller ends PROGRAM.
+        """
+        moved = False
+        if self.stdout is not None and not self.outward:
+            try:
+                data = os.read(self.stdout.fileno(), 65536)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                self.close(self.stdout)
+                self.stdout = None
+            elif data:
+                self.outward += data
+            moved = data is not None
+        if self.outward:
+            try:
+                del self.outward[:self.connection.send(self.outward)]
+                moved = True
+            except self.would_block:
+                pass
+        return moved
+
+    def receive(self) -> Optional[bytes]:
+        """Return what the client sent (b"" at its end), or None if nothing
+        came yet."""
+        try:
+            return self.connection.recv(65536)
+        except self.would_block:
+            return None
+        except ConnectionResetError:
+            return b""
+
+    def close(self, stream: Any) -> None:
+        """Stop watching one of PROGRAM's pipes, and close it."""
+        _watch(self.selector, stream, False, False)
+        stream.close()
 
 
-def _receive(connection: socket.socket,
-             would_block: Tuple[type, ...]) -> Optional[bytes]:
-    """Return what the client sent (b"" at its end), or None if nothing yet."""
-    try:
-        return connection.recv(65536)
-    except would_block:
+def _pidfd(pid: int) -> Optional[int]:
+    """Return a descriptor that turns readable when process pid exits, or
+    None where there is none (os.pidfd_open: Linux 5.3+, Python 3.9+)."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
         return None
-    except ConnectionResetError:
-        return b""
+    try:
+        return int(pidfd_open(pid))
+    except OSError:  # an older kernel (ENOSYS), or no descriptor left
+        return None
+
+
+def _pending(connection: socket.socket) -> int:
+    """Return how many bytes TLS has decrypted but not yet handed over
+    (select() cannot see them); 0 for a plain socket."""
+    return int(getattr(connection, "pending", lambda: 0)())
 
 
 def _watch(selector: Any, stream: Any, read: bool, write: bool) -> None:
@@ -2868,7 +3057,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         handler, thunk = _command_target(options)
         context = _tls_context(options)
         if options.timeout is not None:
-            import ssl  # noqa: F401  # for _pump(), while the files are ours to read
+            import ssl  # noqa: F401  # for _Pump, while we may read the files
     except _UsageError as exc:
         sys.stderr.write("tcpserver: usage error: %s (see --help)\n" % exc)
         return _EXIT_USAGE
@@ -2907,8 +3096,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         server.say("status: 0/%d" % options.limit)
 
     if options.workers > 1:
-        ready()
-        server.serve_workers(options.workers)
+        server.serve_workers(options.workers, ready=ready)
         server.server_close()
     else:
         _serve_until_signalled(server, ready=ready)

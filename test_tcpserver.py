@@ -3122,6 +3122,16 @@ class TestCommandLine(unittest.TestCase):
             self.assertEqual(read_all(second), b"welcome\ngot two\n")
         self.assertEqual(server.stop()[0], 0)
 
+    def test_banner_bytes_go_out_as_given(self):
+        banner = b"caf\xe9 ready\r\n"  # Latin-1, not UTF-8: ucspi-tcp sends the bytes
+        commands = [None] + ([[UCSPI]] if os.access(UCSPI, os.X_OK) else [])
+        for command in commands:
+            with self.subTest(command=command):
+                server = CommandLine(self, ["-1", "-B", banner, "127.0.0.1", "0",
+                                            "echo", "served"], command=command)
+                self.assertEqual(server.talk(), banner + b"served\n")
+                server.stop()
+
     def test_call_a_thunk(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
@@ -3160,7 +3170,7 @@ class TestCommandLine(unittest.TestCase):
         self.assertLess(time.monotonic() - began, 5)
         self.assertTrue(pid_gone(pid))
         self.assertIn("warning: killing sh (pid %d)" % pid, log)
-        self.assertIn("end %d status 9\n" % pid, log)
+        self.assertIn("end %d status 15\n" % pid, log)  # SIGTERM was enough
 
     def test_a_second_signal_stops_at_once(self):
         server = CommandLine(self, ["-1", "--drain", "60", "127.0.0.1", "0",
@@ -3204,8 +3214,8 @@ class TestCommandLine(unittest.TestCase):
         while True:
             try:
                 server.connect().close()
-            except ConnectionRefusedError:
-                return
+            except (ConnectionRefusedError, ConnectionResetError):
+                return  # reset: the listener closed with our connection in its queue
             self.assertLess(time.monotonic(), deadline, "still accepting")
             time.sleep(0.02)
 
@@ -3221,6 +3231,71 @@ class TestCommandLine(unittest.TestCase):
         server.wait_for(r"end %d status 15\n" % pid)  # SIGTERM ended it
         self.assertTrue(pid_gone(pid))
         self.assertEqual(server.stop()[0], 0)
+
+    def test_idle_timeout_ends_a_program_that_closed_its_output(self):
+        server = CommandLine(self, ["-v1", "-c", "1", "--timeout", "0.3", "127.0.0.1", "0",
+                                    "sh", "-c", "echo $$; exec >&-; exec sleep 30"])
+        pids = []
+        for _ in range(2):  # the second is served only once the first frees the slot
+            with server.connect() as sock, sock.makefile("rb") as lines:
+                pids.append(int(lines.readline()))
+                with self.assertRaises(ConnectionResetError):
+                    read_all(sock)  # we stay silent: the server gives up
+        for pid in pids:
+            server.wait_for(r"end %d status 15\n" % pid)
+        self.assertEqual(server.stop()[0], 0)
+
+    def test_a_program_that_closed_its_output_still_gets_all_the_input(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        payload = os.urandom(2 * 1024 * 1024)
+        for mode, options in (("socket", []), ("piped", ["--timeout", "5"])):
+            with self.subTest(mode=mode):
+                path = os.path.join(directory, mode)
+                server = CommandLine(self, ["-1v"] + options + ["127.0.0.1", "0",
+                                                                "sh", "-c", 'exec cat >"$0"', path])
+                with server.connect() as sock:
+                    sock.sendall(payload)
+                    sock.shutdown(socket.SHUT_WR)
+                    self.assertEqual(read_all(sock), b"")  # an orderly end, no reset
+                server.wait_for(r"end \d+ status 0\n")
+                with open(path, "rb") as file:
+                    received = file.read()
+                self.assertEqual(len(received), len(payload))
+                self.assertTrue(received == payload)
+                self.assertEqual(server.stop()[0], 0)
+
+    def test_no_connection_outlives_the_server(self):
+        # sh waits for sleep, which holds the connection too: when the server
+        # stops, it must end both, or the client stays connected to nothing.
+        for options, signals in ((["--drain", "0.3"], [signal.SIGTERM]),
+                                 (["--drain", "60"], [signal.SIGTERM, signal.SIGTERM]),
+                                 (["--drain", "0.3", "-w", "2"], [signal.SIGTERM])):
+            with self.subTest(options=options, signals=len(signals)):
+                server = CommandLine(self, ["-1"] + options + ["127.0.0.1", "0",
+                                                               "sh", "-c", "echo up $$; sleep 20; :"])
+                with server.connect() as sock:
+                    with sock.makefile("rb") as lines:
+                        group = int(lines.readline().split()[1])  # sh leads its group
+                    self.addCleanup(self.kill_group, group)
+                    server.process.send_signal(signals[0])
+                    if len(signals) > 1:
+                        self.wait_until_refused(server)  # the first one was handled
+                        server.process.send_signal(signals[1])
+                    self.assertEqual(server.process.wait(TIMEOUT), 0)
+                    sock.settimeout(2)  # the server is gone: so must the connection be
+                    try:
+                        self.assertEqual(sock.recv(1), b"")
+                    except ConnectionResetError:
+                        pass
+
+    @staticmethod
+    def kill_group(group):
+        """Kill what is left of a process group, if anything."""
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def test_a_rules_file_that_is_not_cdb_denies_with_a_warning(self):
         directory = tempfile.mkdtemp()
@@ -3368,6 +3443,126 @@ class TestCommandLine(unittest.TestCase):
         self.assertIn("usage: python -m tcpserver", text)
         for option in ("-c N", "-x FILE", "--call", "--per-client", "--tls-cert", "Exit codes"):
             self.assertIn(option, text)
+
+
+def write_cdb(path, records):
+    """Write records, (key, value) pairs of bytes, to path as a cdb file.
+
+    The layout of cdb_make, which tcprules uses: 256 (position, slots)
+    pairs, the records (key length, value length, key, value) in order,
+    then a hash table per pair with two slots per key of it, each key in
+    the first free slot from (hash >> 8) % slots.  tcprules' values are its
+    instructions, each ended by NUL: b"D\\0" denies, b"+NAME=value\\0" sets.
+    Debian's tcprules cannot parse IPv6 rules, so the tests write those.
+    """
+    def digest(key):
+        value = 5381
+        for byte in key:
+            value = ((value * 33) ^ byte) & 0xFFFFFFFF
+        return value
+
+    body, entries = bytearray(), []
+    for key, value in records:
+        entries.append((digest(key), 2048 + len(body)))
+        body += struct.pack("<II", len(key), len(value)) + key + value
+    pairs, tables = bytearray(), bytearray()
+    for bucket in range(256):
+        keys = [entry for entry in entries if entry[0] & 255 == bucket]
+        slots = [(0, 0)] * (2 * len(keys))
+        for entry in keys:
+            slot = (entry[0] >> 8) % len(slots)
+            while slots[slot][1]:
+                slot = (slot + 1) % len(slots)
+            slots[slot] = entry
+        pairs += struct.pack("<II", 2048 + len(body) + len(tables), len(slots))
+        tables += b"".join(struct.pack("<II", *entry) for entry in slots)
+    with open(path, "wb") as file:
+        file.write(pairs + body + tables)
+
+
+class TestRules(unittest.TestCase):
+    """-x FILE: tcprules' cdb, as ucspi-tcp (and its IPv6 patch) reads it."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.rules = os.path.join(self.directory, "rules.cdb")
+
+    @unittest.skipUnless(shutil.which("tcprules"), "tcprules is not installed "
+                         "(apt-get install ucspi-tcp)")
+    def test_the_cdb_writer_writes_what_tcprules_writes(self):
+        source = ('127.0.0.1:allow,GREETING="hello there"\n10.:deny\n'
+                  '127.:allow,A=/b/,B=:c:\n127.0.0.1:deny\n:deny\n')
+        subprocess.run(["tcprules", self.rules, self.rules + ".tmp"], input=source.encode(),
+                       check=True, timeout=TIMEOUT)
+        mine = os.path.join(self.directory, "mine.cdb")
+        write_cdb(mine, [(b"127.0.0.1", b"+GREETING=hello there\0"), (b"10.", b"D\0"),
+                         (b"127.", b"+A=b\0+B=c\0"), (b"127.0.0.1", b"D\0"), (b"", b"D\0")])
+        with open(self.rules, "rb") as theirs, open(mine, "rb") as ours:
+            self.assertEqual(ours.read(), theirs.read())
+
+    @unittest.skipUnless(socket.has_ipv6, "no IPv6")
+    def test_ipv6_prefixes(self):
+        # As ucspi-tcp's IPv6 patch: after the address, its prefixes that end
+        # in ":" (or "."), longest first.  ::1 connects as itself; from
+        # 127.0.0.1, a PROXY header claims other addresses.
+        write_cdb(self.rules, [(b"::", b"+WHO=loopback\0"), (b"2001:", b"+WHO=2001\0"),
+                               (b"2001:db8:", b"+WHO=db8\0"), (b"2001:db8::7", b"D\0"),
+                               (b"", b"D\0")])
+        server = CommandLine(self, ["-1", "-HRl0", "-x", self.rules, "--proxy-protocol",
+                                    "--trusted-proxies", "127.0.0.0/8", "::", "0",
+                                    "sh", "-c", "echo $WHO"])
+        with socket.create_connection(("::1", server.port), timeout=TIMEOUT) as sock:
+            self.assertEqual(read_all(sock), b"loopback\n")
+        for claimed, reply in (("2001:db8::5", b"db8\n"), ("2001:db9::5", b"2001\n"),
+                               ("2001:db8::7", b""), ("2002::5", b"")):
+            with self.subTest(claimed=claimed):
+                header = "PROXY TCP6 %s ::1 4321 25\r\n" % claimed
+                self.assertEqual(server.talk(header.encode()), reply)
+        self.assertEqual(server.stop()[0], 0)
+
+    def test_empty_and_truncated_files_deny_with_a_warning(self):
+        write_cdb(self.rules, [(b"", b"+X=1\0")])  # allows everyone: when whole
+        with open(self.rules, "rb") as file:
+            whole = file.read()
+        server = CommandLine(self, ["-1", "-x", self.rules, "127.0.0.1", "0", "echo", "served"])
+        self.assertEqual(server.talk(), b"served\n")
+        for size in (0, 100, len(whole) - 12):  # nothing; half the header; half a slot
+            with self.subTest(size=size):
+                with open(self.rules, "wb") as file:
+                    file.write(whole[:size])
+                self.assertEqual(server.talk(), b"")
+        code, log = server.stop()
+        self.assertEqual(code, 0)
+        self.assertEqual(log.count("warning: unable to read %s: %s is not a cdb file"
+                                   % (self.rules, self.rules)), 3)
+        self.assertNotIn("Traceback", log)
+
+    @unittest.skipUnless(shutil.which("tcprules"), "tcprules is not installed "
+                         "(apt-get install ucspi-tcp)")
+    @unittest.skipUnless(os.path.exists("/proc/self/status"), "needs /proc for VmHWM")
+    def test_600000_rules_and_40_clients_at_once_cost_little_memory(self):
+        # 22 MB of cdb, as a large site's; about 2 s.  Each connection looks
+        # its keys up in the file, not in a copy of it.
+        source = "".join("10.%d.%d.%d:deny\n" % (n >> 16, (n >> 8) & 255, n & 255)
+                         for n in range(600000))
+        source += '127.0.0.1:allow,SEEN="yes"\n:deny\n'
+        subprocess.run(["tcprules", self.rules, self.rules + ".tmp"], input=source.encode(),
+                       check=True, timeout=TIMEOUT)
+        server = CommandLine(self, ["-1", "-b", "64", "-x", self.rules, "127.0.0.1", "0",
+                                    "sh", "-c", "echo $SEEN"])
+        replies = []
+        clients = [threading.Thread(target=lambda: replies.append(server.talk()))
+                   for _ in range(40)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(TIMEOUT)
+        with open("/proc/%d/status" % server.process.pid) as status:
+            peak = int(re.search(r"^VmHWM:\s+(\d+) kB", status.read(), re.M).group(1))
+        self.assertEqual(replies, [b"yes\n"] * 40)
+        self.assertLess(peak, 60 * 1024, "peak RSS in kB")
+        self.assertEqual(server.stop()[0], 0)
 
 
 def free_port():
@@ -3656,6 +3851,31 @@ class TestWorkers(unittest.TestCase):
         self.assertEqual(server.stop()[0], 0)
         for pid in pids:
             self.assertTrue(pid_gone(pid))
+
+    def test_a_sigterm_the_moment_the_port_is_printed_exits_0(self):
+        # The port line says the server is ready: a service manager may stop
+        # it at once.  This stdout sends SIGTERM to its own process once the
+        # line is out, so a handler installed any later is too late.
+        code = ("import os, signal, sys, tcpserver\n"
+                "class Stopping:\n"
+                "    def write(self, text):\n"
+                "        written = sys.__stdout__.write(text)\n"
+                "        if text.endswith('\\n'):\n"
+                "            sys.__stdout__.flush()\n"
+                "            os.kill(os.getpid(), signal.SIGTERM)\n"
+                "        return written\n"
+                "    def flush(self):\n"
+                "        sys.__stdout__.flush()\n"
+                "sys.stdout = Stopping()\n"
+                "sys.exit(tcpserver.main(sys.argv[1:]))\n")
+        for workers in (["-w", "2"], []):
+            with self.subTest(workers=workers):
+                result = subprocess.run(
+                    [sys.executable, "-c", code, "-1", "-v"] + workers + ["127.0.0.1", "0", "cat"],
+                    capture_output=True, timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=HERE))
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertRegex(result.stdout, rb"^\d+\n$")
+                self.assertEqual(result.stderr, b"tcpserver: status: 0/40\n")
 
 
 if __name__ == "__main__":
