@@ -3521,6 +3521,18 @@ class TestRules(unittest.TestCase):
                 self.assertEqual(server.talk(header.encode()), reply)
         self.assertEqual(server.stop()[0], 0)
 
+    def test_an_ipv4_mapped_proxy_source_meets_the_ipv4_rules(self):
+        # HAProxy bound to ":::PORT v4v6" gives its IPv4 clients as ::ffff:...
+        write_cdb(self.rules, [(b"192.0.2.", b"D\0"), (b"", b"+OK=1\0")])
+        server = CommandLine(self, ["-1", "-HRl0", "-x", self.rules, "--proxy-protocol",
+                                    "127.0.0.1", "0", "sh", "-c", "echo $TCPREMOTEIP"])
+        for source, reply in (("::ffff:192.0.2.7", b""), ("::ffff:c000:207", b""),
+                              ("::ffff:198.51.100.2", b"198.51.100.2\n")):
+            with self.subTest(source=source):
+                header = "PROXY TCP6 %s ::ffff:192.0.2.1 4321 25\r\n" % source
+                self.assertEqual(server.talk(header.encode()), reply)
+        self.assertEqual(server.stop()[0], 0)
+
     def test_empty_and_truncated_files_deny_with_a_warning(self):
         write_cdb(self.rules, [(b"", b"+X=1\0")])  # allows everyone: when whole
         with open(self.rules, "rb") as file:
