@@ -1907,12 +1907,15 @@ class TestThreadsThatCannotStart(ServerTestCase):
             release.wait(TIMEOUT)
             print("hi")
 
+        waiting = threading.Event()
+        self.log_to(lambda record: "cannot start" in record.getMessage() and waiting.set())
         server, stderr = self.start_logged(thunk)
         server.max_spare_threads = 16
         first = self.connect(server)
         self.assertTrue(started.wait(TIMEOUT))
         self.fail_thread_starts(10 ** 6)  # no new thread from now on
         second = self.connect(server)
+        self.assertTrue(waiting.wait(TIMEOUT))
         release.set()  # the first thread ends its request and turns spare
         self.assertEqual(exchange(first, b""), b"hi\n")
         self.assertEqual(exchange(second, b""), b"hi\n")
