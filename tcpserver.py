@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 import errno
-import importlib
+import importlib.util
 import io
 import ipaddress
 import logging
@@ -2149,7 +2149,7 @@ _END_GRACE = 1.0       # seconds a PROGRAM's group has from SIGTERM to SIGKILL
 _EXIT_POLL = 0.02      # seconds between looks at PROGRAM's exit, without pidfd
 
 _USAGE = ("usage: python -m tcpserver [options] HOST PORT PROGRAM [ARG ...]\n"
-          "       python -m tcpserver [options] HOST PORT --call MODULE:FUNCTION\n"
+          "       python -m tcpserver [options] HOST PORT --call FILE.py:FUNCTION\n"
           "       python -m tcpserver [options] --inherit PROGRAM [ARG ...]")
 
 _HELP = _USAGE + """
@@ -2163,7 +2163,8 @@ families; PORT 0 picks a free port (print it with -1).
 examples:
   python -m tcpserver -v 127.0.0.1 6504 date
   python -m tcpserver -c 100 -HRl0 0 7000 cat
-  python -m tcpserver -1 127.0.0.1 0 --call example_daytime:daytime
+  echo 'def hello(): print("hello,", input("name? "))' > hello.py
+  python -m tcpserver -1 127.0.0.1 0 --call hello.py:hello
   python -m tcpserver --tls-cert c.pem --tls-key k.pem 0 993 ./imapd
 
 ucspi-tcp's options (same letters, same meanings):
@@ -2184,7 +2185,10 @@ ucspi-tcp's options (same letters, same meanings):
   -u UID, -g GID, -U   drop to that uid/gid ($UID, $GID) after binding
 
 options of our own:
-  --call MODULE:FUNCTION  serve that thunk instead of a PROGRAM
+  --call FILE.py:FUNCTION, --call MODULE:FUNCTION
+                          serve that thunk instead of a PROGRAM: FUNCTION
+                          of the Python file FILE.py, or of a module that
+                          the current directory or sys.path holds
   --per-client N          at most N connections from one IP address
   --timeout SECONDS       end a connection idle that long
   --drain SECONDS         on SIGTERM/SIGINT, let connections finish for
@@ -2298,7 +2302,7 @@ def _parse_command_line(argv: List[str]) -> _Options:
         options.port = _port_number(rest[1])
         options.program = rest[2:]
     if bool(options.program) == bool(options.call):
-        raise _UsageError("give either PROGRAM or --call MODULE:FUNCTION")
+        raise _UsageError("give either PROGRAM or --call FILE.py:FUNCTION")
     if bool(options.tls_cert) != bool(options.tls_key):
         raise _UsageError("--tls-cert and --tls-key go together")
     if options.tls_ca and not options.tls_cert:
@@ -2984,19 +2988,49 @@ def _command_target(options: _Options) -> Tuple[Any, Optional[_Thunk]]:
             raise _UsageError("PROGRAM %r is not an executable file, here or "
                               "on $PATH" % options.program[0])
         return _ProgramHandler, None
-    module_name, _, function_name = options.call.partition(":")
+    # The last colon: FILE may be C:\\like\\this.py, FUNCTION has none.
+    module_name, _, function_name = options.call.rpartition(":")
     if not module_name or not function_name:
-        raise _UsageError("--call needs MODULE:FUNCTION, not %r" % options.call)
+        raise _UsageError("--call needs FILE.py:FUNCTION or MODULE:FUNCTION, "
+                          "not %r" % options.call)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise _UsageError("--call: cannot import %s: %s"
-                          % (module_name, exc)) from None
+        module = _load_module(module_name)
+    except Exception as exc:  # the module's own failure, whatever it is
+        raise _UsageError("--call: cannot load %s: %s"
+                          % (module_name, _describe(exc))) from None
     thunk = getattr(module, function_name, None)
     if not callable(thunk):
         raise _UsageError("--call: %s has no function %s"
                           % (module_name, function_name))
     return _CallHandler, thunk
+
+
+def _load_module(name: str) -> Any:
+    """Import the module --call names: a file (FILE.py, by its path) or a
+    module on sys.path (which the current directory leads, as for -m).
+
+    A file is run as a module named after it, not as __main__, so its
+    ``if __name__ == "__main__":`` part stays out; its directory goes in
+    front of sys.path, so it imports its neighbours as it would when run.
+    """
+    if not name.endswith(".py"):
+        return importlib.import_module(name)
+    path = os.path.abspath(name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError("no such file: %s" % path)
+    spec = importlib.util.spec_from_file_location(
+        os.path.splitext(os.path.basename(path))[0], path)
+    if spec is None or spec.loader is None:
+        raise ImportError("not a Python file: %s" % path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(path))
+    sys.modules[spec.name] = module  # for pickle, dataclasses and the like
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]  # as import does with a failed module
+        raise
+    return module
 
 
 def _tls_context(options: _Options) -> Any:

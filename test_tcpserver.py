@@ -2924,12 +2924,12 @@ UCSPI = "/usr/bin/tcpserver"  # ucspi-tcp's, from the Debian package
 class CommandLine:
     """A tcpserver command (ours, or ucspi-tcp's) run with -1 on port 0."""
 
-    def __init__(self, test, args, command=None, env=None):
+    def __init__(self, test, args, command=None, env=None, cwd=HERE):
         self.command = command or [sys.executable, "-m", "tcpserver"]
         environment = dict(os.environ, PYTHONPATH=HERE)
         environment.update(env or {})
         self.process = subprocess.Popen(self.command + args, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, env=environment, cwd=HERE)
+                                        stderr=subprocess.PIPE, env=environment, cwd=cwd)
         self.lines = []
         self.changed = threading.Condition()
         self.reader = threading.Thread(target=self.read_stderr, name="stderr")
@@ -3149,6 +3149,59 @@ class TestCommandLine(unittest.TestCase):
                                  env={"PYTHONPATH": os.pathsep.join([directory, HERE])})
             self.assertEqual(server.talk(b"you\n"), b"hello you " + nodelay + b"\n")
             self.assertEqual(server.stop(), (0, ""))
+
+    def test_call_a_file_from_another_directory(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "words.py"), "w") as module:
+            module.write("GREETING = 'hello'\n")
+        with open(os.path.join(directory, "greet.py"), "w") as script:
+            script.write("import sys, words\n"
+                         "def greet():\n"
+                         "    print(words.GREETING, input(), __name__)\n"
+                         "if __name__ == '__main__':\n"
+                         "    sys.exit('run as a script')\n")
+        elsewhere = tempfile.mkdtemp()  # neither the clone nor the file's
+        self.addCleanup(shutil.rmtree, elsewhere)
+        server = CommandLine(self, ["-1", "127.0.0.1", "0", "--call",
+                                    os.path.join(directory, "greet.py") + ":greet"],
+                             cwd=elsewhere)
+        self.assertEqual(server.talk(b"you\n"), b"hello you greet\n")
+        self.assertEqual(server.stop(), (0, ""))
+
+    def test_call_errors_are_usage_errors(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.addCleanup(setattr, sys, "path", list(sys.path))
+        with open(os.path.join(directory, "broken.py"), "w") as script:
+            script.write("def thunk(:\n")
+        with open(os.path.join(directory, "fine.py"), "w") as script:
+            script.write("NOT_A_FUNCTION = 1\n")
+        missing = os.path.join(directory, "missing.py")
+        for target, message in (
+                (missing + ":f", "cannot load %s: FileNotFoundError: no such file" % missing),
+                (os.path.join(directory, "broken.py:thunk"), "SyntaxError"),
+                (os.path.join(directory, "fine.py:NOT_A_FUNCTION"), "has no function"),
+                ("no_such_module:f", "cannot load no_such_module: ModuleNotFoundError"),
+                ("nocolon", "--call needs FILE.py:FUNCTION or MODULE:FUNCTION")):
+            with self.subTest(target=target):
+                stderr = io.StringIO()
+                with unittest.mock.patch.object(sys, "stderr", stderr):
+                    self.assertEqual(tcpserver.main(["127.0.0.1", "0", "--call", target]), 100)
+                self.assertRegex(stderr.getvalue(), r"^tcpserver: usage error: [^\n]+\n$")
+                self.assertIn(message, stderr.getvalue())
+        self.assertNotIn("broken", sys.modules)
+
+    def test_the_help_examples_work_from_another_directory(self):
+        elsewhere = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, elsewhere)
+        examples = run_command("--help").stdout.decode().split("examples:\n")[1]
+        echo, call = [line.strip() for line in examples.splitlines() if "hello" in line]
+        subprocess.run(echo, shell=True, cwd=elsewhere, check=True, timeout=TIMEOUT)
+        self.assertEqual(call, "python -m tcpserver -1 127.0.0.1 0 --call hello.py:hello")
+        server = CommandLine(self, call.split()[3:], cwd=elsewhere)
+        self.assertEqual(server.talk(b"you\n"), b"name? hello, you\n")
+        self.assertEqual(server.stop(), (0, ""))
 
     def test_drain_then_exit_0(self):
         server = CommandLine(self, ["-1", "-B", "ready\n", "127.0.0.1", "0",
@@ -3416,8 +3469,6 @@ class TestCommandLine(unittest.TestCase):
     def test_usage_errors_exit_100_with_one_line(self):
         for args in (["-c", "0", "127.0.0.1", "0", "cat"], ["-z", "127.0.0.1", "0", "cat"],
                      ["127.0.0.1"], ["127.0.0.1", "0"], ["127.0.0.1", "no-such-port", "cat"],
-                     ["127.0.0.1", "0", "--call", "nocolon"],
-                     ["127.0.0.1", "0", "--call", "no_such_module:f"],
                      ["127.0.0.1", "0", "no-such-program-here"],
                      ["--tls-cert", "c.pem", "127.0.0.1", "0", "cat"],
                      ["--timeout", "soon", "127.0.0.1", "0", "cat"],
