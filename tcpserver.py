@@ -756,6 +756,11 @@ _ready = _poll_ready if hasattr(select, "poll") else _select_ready
 # Windows, where it is a SOCKET handle.
 _SOCKETS_ARE_FILES = os.name == "posix"
 
+# Can this system fork, run a PROGRAM on a socket and in a process group of
+# its own, and change uids?  Worker processes and the command line's
+# PROGRAM mode need that, which Windows lacks.
+_POSIX = os.name == "posix"
+
 
 def _tls_call(sock: Any, call: Callable[[Any], int], data: Any,
               timeout: Optional[float], silent: str) -> int:
@@ -1362,6 +1367,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         as usual.
         """
         _check_int("workers", workers, 1, 1024, "an int in 1..1024")
+        if not _POSIX:
+            raise NotImplementedError("worker processes need fork(), which "
+                                      "this system lacks: serve in one process")
         running = {}  # type: Dict[int, float]  # pid -> when it started
         stopping = []  # the signals received, to pass on
         stop_signals = {signal.SIGTERM, signal.SIGINT}
@@ -2307,7 +2315,20 @@ def _parse_command_line(argv: List[str]) -> _Options:
         raise _UsageError("--tls-cert and --tls-key go together")
     if options.tls_ca and not options.tls_cert:
         raise _UsageError("--tls-ca needs --tls-cert and --tls-key")
+    if not _POSIX:
+        _check_posix_options(options)
     return options
+
+
+def _check_posix_options(options: _Options) -> None:
+    """Raise _UsageError for what only a POSIX system can do (Windows)."""
+    for used, what in ((options.program, "PROGRAM needs"),
+                       (options.workers > 1, "-w needs"),
+                       (options.uid or options.gid, "-u, -g and -U need")):
+        if used:
+            raise _UsageError("%s a POSIX system; here, serve a Python thunk "
+                              "in one process with --call FILE.py:FUNCTION"
+                              % what)
 
 
 def _apply_option(options: _Options, option: str, value: str) -> None:
@@ -2376,10 +2397,10 @@ def _port_number(text: str) -> int:
                           % text) from None
 
 
-def _cdb_get(rules: int, size: int, key: bytes) -> Optional[bytes]:
+def _cdb_get(rules: io.FileIO, size: int, key: bytes) -> Optional[bytes]:
     """Return the first value of key in a cdb file, or None.
 
-    rules is the file's descriptor, size its length.  cdb (D. J.
+    rules is the file, opened unbuffered, size its length.  cdb (D. J.
     Bernstein's constant database, which tcprules writes): 256 (position,
     slots) pairs, then records, then the hash tables.  Only what the lookup
     needs is read, a few small reads whatever the file's size: the key's
@@ -2407,13 +2428,14 @@ def _cdb_get(rules: int, size: int, key: bytes) -> Optional[bytes]:
     return None
 
 
-def _cdb_pair(rules: int, size: int, position: int) -> Tuple[int, int]:
+def _cdb_pair(rules: io.FileIO, size: int, position: int) -> Tuple[int, int]:
     """Return the two little-endian 32-bit numbers at position in a cdb."""
     first, second = struct.unpack("<II", _cdb_read(rules, size, position, 8))
     return first, second
 
 
-def _cdb_read(rules: int, size: int, position: int, count: int) -> bytes:
+def _cdb_read(rules: io.FileIO, size: int, position: int, count: int
+              ) -> bytes:
     """Return count bytes at position of a cdb file; ValueError past its end.
 
     Checked against size first, so a damaged length cannot make us
@@ -2421,7 +2443,8 @@ def _cdb_read(rules: int, size: int, position: int, count: int) -> bytes:
     """
     data = b""
     if position + count <= size:
-        data = os.pread(rules, count, position)
+        rules.seek(position)
+        data = rules.read(count) or b""
     if len(data) != count:  # past the end, or the file shrank meanwhile
         raise ValueError("the file ends at %d, before byte %d"
                          % (size, position + count))
@@ -2464,7 +2487,7 @@ def _follow_rules(path: str, ip: str, host: Optional[str],
         size = os.fstat(rules.fileno()).st_size
         try:
             for key in _rule_keys(ip, host):
-                value = _cdb_get(rules.fileno(), size, key.encode())
+                value = _cdb_get(rules, size, key.encode())
                 if value is not None:
                     break
             else:

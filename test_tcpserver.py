@@ -2632,6 +2632,82 @@ class TestExample(ServerTestCase):
         self.assertNotIn("Traceback", rest)
 
 
+class TestReadmeFirstScreen(unittest.TestCase):
+    """The README's first screen, as written, from a directory that is not
+    the clone (with port 0 for the README's fixed ports)."""
+
+    def setUp(self):
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.write("greet.py", readme_code("def greet():"))
+
+    def write(self, name, code):
+        with open(os.path.join(self.directory, name), "w") as script:
+            script.write(code.replace("6504", "0").replace("6505", "0"))
+
+    def start(self, name):
+        """Run the script name; return (process, the port it says it serves)."""
+        process = subprocess.Popen([sys.executable, name], cwd=self.directory,
+                                   env=dict(os.environ, PYTHONPATH=HERE),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(process.kill)
+        line = process.stdout.readline().decode()
+        found = re.match(r"serving (TLS )?on port (\d+)\n$", line)
+        if not found:
+            raise AssertionError("%s printed %r %r" % (name, line, process.stderr.read()))
+        return process, found.group(2)
+
+    def shell(self, command, port, **kwargs):
+        """Run one of the README's shell commands, with port for its own."""
+        return subprocess.run(command.replace("6504", port).replace("6505", port),
+                              shell=True, cwd=self.directory, capture_output=True,
+                              timeout=TIMEOUT, **kwargs)
+
+    def stop(self, process):
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        self.assertEqual(process.wait(TIMEOUT), 0)
+        self.assertEqual(process.stderr.read(), b"")  # no traceback
+
+    def test_the_ten_lines_serve_and_stop_on_ctrl_c(self):
+        process, port = self.start("greet.py")
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=TIMEOUT) as sock:
+            self.assertEqual(exchange(sock, b"Ada\n"), b"Your name? Hello, Ada\n")
+        one_liner = readme_code("python -c").strip()
+        self.assertEqual(self.shell(one_liner, port).stdout, b"Your name? Hello, Ada\n")
+        self.stop(process)
+
+    @unittest.skipUnless(shutil.which("nc"), "nc is not installed (apt-get install netcat-openbsd)")
+    def test_nc(self):
+        process, port = self.start("greet.py")
+        result = self.shell("nc localhost 6504", port, input=b"Ada\n")
+        self.assertEqual(result.stdout, b"Your name? Hello, Ada\n")
+        self.stop(process)
+
+    def test_a_program_and_a_thunk_on_a_port(self):
+        date, call = readme_code("--call greet.py:greet").strip().splitlines()
+        for command, sent, expected in ((date, b"", rb"^\w{3} \w{3} .* \d{4}\n$"),
+                                        (call, b"Ada\n", rb"^Your name\? Hello, Ada\n$")):
+            with self.subTest(command=command):
+                self.assertTrue(command.startswith("python -m tcpserver "))
+                args = ["-1"] + command.split()[3:]
+                server = CommandLine(self, [arg.replace("6504", "0") for arg in args],
+                                     cwd=self.directory)
+                self.assertRegex(server.talk(sent), expected)
+                self.assertEqual(server.stop()[0], 0)
+
+    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+    def test_tls(self):
+        self.shell(readme_code("openssl req").strip(), "", check=True)
+        self.write("tls.py", readme_code("ssl_context=context) as server:"))
+        process, port = self.start("tls.py")
+        result = self.shell("openssl s_client -connect localhost:6505 -quiet", port,
+                            input=b"Ada\n")
+        self.assertEqual(result.stdout, b"Your name? Hello, Ada\n", result.stderr)
+        self.stop(process)
+
+
 class TestExampleErrors(unittest.TestCase):
 
     def test_port_in_use_is_one_line_and_exit_1(self):
@@ -3191,6 +3267,20 @@ class TestCommandLine(unittest.TestCase):
                 self.assertRegex(stderr.getvalue(), r"^tcpserver: usage error: [^\n]+\n$")
                 self.assertIn(message, stderr.getvalue())
         self.assertNotIn("broken", sys.modules)
+
+    def test_what_needs_posix_is_one_usage_line_elsewhere(self):
+        for args, message in ((["127.0.0.1", "0", "cat"], "PROGRAM needs a POSIX system"),
+                              (["-w", "2", "127.0.0.1", "0", "--call", "m:f"], "-w needs"),
+                              (["-u", "1", "127.0.0.1", "0", "--call", "m:f"],
+                               "-u, -g and -U need")):
+            with self.subTest(args=args):
+                stderr = io.StringIO()
+                with unittest.mock.patch.object(tcpserver, "_POSIX", False), \
+                        unittest.mock.patch.object(sys, "stderr", stderr):
+                    self.assertEqual(tcpserver.main(args), 100)
+                self.assertRegex(stderr.getvalue(), r"^tcpserver: usage error: [^\n]+\n$")
+                self.assertIn(message, stderr.getvalue())
+                self.assertIn("--call FILE.py:FUNCTION", stderr.getvalue())
 
     def test_the_help_examples_work_from_another_directory(self):
         elsewhere = tempfile.mkdtemp()
@@ -3898,6 +3988,12 @@ class TestWorkers(unittest.TestCase):
                                 timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=HERE))
         self.assertEqual(result.stdout, b"True None\n", result.stderr)
         self.assertEqual(result.returncode, 0)
+
+    def test_workers_need_posix(self):
+        with tcpserver.make_tcp_server(("127.0.0.1", 0), print) as server, \
+                unittest.mock.patch.object(tcpserver, "_POSIX", False):
+            with self.assertRaisesRegex(NotImplementedError, "worker processes need fork"):
+                server(workers=2)
 
     def test_bad_counts(self):
         server = tcpserver.make_tcp_server(("127.0.0.1", 0), print)
