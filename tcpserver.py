@@ -271,7 +271,7 @@ def systemd_listeners() -> List[socket.socket]:
         raise ValueError("LISTEN_FDS must be a number, not %r" % count)
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
-    listeners = []  # type: List[socket.socket]
+    listeners: List[socket.socket] = []
     try:
         for descriptor in range(3, 3 + int(count)):
             os.set_inheritable(descriptor, False)
@@ -477,9 +477,9 @@ def _parse_proxy_v2(head: bytes, body: bytes
 class _Bound(threading.local):
     """What a request thread is bound to; None in every other thread."""
 
-    handler = None  # type: Optional[ThunkHandler]
-    local_address = None  # type: Optional[_Address]
-    tls_error = None  # type: Optional[OSError]  # the connection's, if it failed
+    handler: Optional["ThunkHandler"] = None
+    local_address: Optional[_Address] = None
+    tls_error: Optional[OSError] = None  # the connection's, if it failed
 
 
 _bound = _Bound()
@@ -607,8 +607,8 @@ class _StreamSwitch:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._users = 0
-        self._streams = []  # type: List[_ThreadStream]
-        self._stdout = None  # type: Optional[_ThreadStream]
+        self._streams: List[_ThreadStream] = []
+        self._stdout: Optional[_ThreadStream] = None
 
     def __enter__(self) -> "_StreamSwitch":
         with self._lock:
@@ -852,7 +852,7 @@ class _CappedLines:
     max_line.  The part of a refused line read so far is dropped.
     """
 
-    max_line = None  # type: Optional[int]
+    max_line: Optional[int] = None
 
     def readline(self, size: int = -1) -> Any:
         limit = self.max_line
@@ -953,9 +953,10 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     returns.  Reads and writes raise IdleTimeout after the server's
     idle_timeout without progress (over TLS too: the connection socket is
     then non-blocking, and the streams wait); a line longer than the
-    server's max_line raises LineTooLong.  An EOFError from input() at the end of the client's input
-    that escapes the thunk ends the request normally.  Any other exception
-    propagates to the server, which logs it and resets the connection.
+    server's max_line raises LineTooLong.  An EOFError from input() at the
+    end of the client's input that escapes the thunk ends the request
+    normally.  Any other exception propagates to the server, which logs it
+    and resets the connection.
 
     A thunk must not assign sys.stdin or sys.stdout (contextlib's
     redirect_stdout does): that replaces them for every thread in the
@@ -1117,19 +1118,19 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     """
 
     request_queue_size = DEFAULT_BACKLOG
-    thunk = None  # type: Optional[_Thunk]
-    max_requests = None  # type: Optional[int]
-    max_per_client = None  # type: Optional[int]
-    idle_timeout = None  # type: Optional[float]
-    drain_timeout = DEFAULT_DRAIN_TIMEOUT  # type: Optional[float]
-    max_line = DEFAULT_MAX_LINE  # type: Optional[int]
-    ssl_context = None  # type: Any
-    handshake_timeout = DEFAULT_HANDSHAKE_TIMEOUT  # type: float
+    thunk: Optional[_Thunk] = None
+    max_requests: Optional[int] = None
+    max_per_client: Optional[int] = None
+    idle_timeout: Optional[float] = None
+    drain_timeout: Optional[float] = DEFAULT_DRAIN_TIMEOUT
+    max_line: Optional[int] = DEFAULT_MAX_LINE
+    ssl_context: Any = None
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_spare_threads = 16
     spare_thread_lifetime = 60.0
     proxy_protocol = False
-    trusted_proxies = ("127.0.0.0/8", "::1/128")  # type: Any
-    debug = False  # type: Union[bool, str]
+    trusted_proxies: Any = ("127.0.0.0/8", "::1/128")
+    debug: Union[bool, str] = False
 
     accept_connection = staticmethod(tcp_accept)
     get_addresses = staticmethod(tcp_addresses)
@@ -1149,18 +1150,18 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._pending = False    # the accept thread holds a slot, no request
         self._full = False       # "all slots busy" has been logged
         self._stopping = False   # shutdown() wants the accept thread back
-        self._open = {}          # type: dict  # request -> (number, host or None)
-        self._per_client = {}    # type: Dict[str, int]  # host -> open
-        self._drained = set()    # type: set  # requests server_close() reset
+        self._open: Dict[Any, Any] = {}  # request -> (number, host or None)
+        self._per_client: Dict[str, int] = {}  # host -> open
+        self._drained: Set[Any] = set()  # requests server_close() reset
         self._counts = dict.fromkeys(_STATS, 0)  # stats() without "active"
         self._dispatched = 0     # requests handed to a thread so far
         self._accept_errors = 0  # failed accepts in a row
         self._start_failures = 0  # request threads that could not start, lately
         self._good_starts = 0    # ones that started at once since the last failure
-        self._poll_interval = None  # type: Optional[float]
+        self._poll_interval: Optional[float] = None
         self._serving = False
-        self._workers = set()    # type: Set[_Worker]  # request threads
-        self._spare = []         # type: List[_Worker]  # waiting for a job
+        self._workers: Set[_Worker] = set()  # request threads
+        self._spare: List[_Worker] = []  # waiting for a job
         self._closing = False    # server_close() has begun
         self._install_hooks()
         return self
@@ -1370,7 +1371,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         if not _POSIX:
             raise NotImplementedError("worker processes need fork(), which "
                                       "this system lacks: serve in one process")
-        running = {}  # type: Dict[int, float]  # pid -> when it started
+        running: Dict[int, float] = {}  # pid -> when it started
         stopping = []  # the signals received, to pass on
         stop_signals = {signal.SIGTERM, signal.SIGINT}
 
@@ -2050,8 +2051,8 @@ class _Worker:
     __slots__ = ("thread", "job", "wake")
 
     def __init__(self, job: Tuple[socket.socket, _Address, str]) -> None:
-        self.thread = None  # type: Any
-        self.job = job  # type: Optional[Tuple[socket.socket, _Address, str]]
+        self.thread: Any = None
+        self.job: Optional[Tuple[socket.socket, _Address, str]] = job
         self.wake = threading.Lock()
         self.wake.acquire()
 
@@ -2235,27 +2236,27 @@ class _Options:
     nodelay = True
     remote_host = True     # -h
     paranoid = False       # -p
-    local_host = None      # type: Optional[str]  # -l NAME
+    local_host: Optional[str] = None  # -l NAME
     ip_options = False     # -o keeps them
-    rules = None           # type: Optional[str]
+    rules: Optional[str] = None
     rules_optional = False
-    uid = None             # type: Optional[int]
-    gid = None             # type: Optional[int]
-    per_client = None      # type: Optional[int]
-    timeout = None         # type: Optional[float]
+    uid: Optional[int] = None
+    gid: Optional[int] = None
+    per_client: Optional[int] = None
+    timeout: Optional[float] = None
     drain = DEFAULT_DRAIN_TIMEOUT
-    tls_cert = None        # type: Optional[str]
-    tls_key = None         # type: Optional[str]
-    tls_ca = None          # type: Optional[str]
-    call = None            # type: Optional[str]
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_ca: Optional[str] = None
+    call: Optional[str] = None
     proxy_protocol = False
-    trusted_proxies = ThreadingTCPServer.trusted_proxies  # type: Any
+    trusted_proxies: Any = ThreadingTCPServer.trusted_proxies
     inherit = False
     workers = 1
     help = False
     host = ""
     port = 0
-    program = []           # type: List[str]
+    program: List[str] = []
 
 
 _YEAR = 365 * 24 * 3600.0  # seconds: more than any timeout needs
@@ -2531,11 +2532,11 @@ class _CommandServer(ThreadingTCPServer):
         self._log_lock = threading.Lock()  # keeps the counts and lines in step
         self._running = 0
         self._numbers = 0
-        self._children = set()  # type: Set[Any]  # subprocess.Popen
+        self._children: Set[Any] = set()  # subprocess.Popen
         # The process groups of PROGRAMs that ended while others of the
         # group still ran, each group's id its PROGRAM's pid: the server
         # ends them too when it stops, as they may hold a connection.
-        self._left = set()  # type: Set[int]
+        self._left: Set[int] = set()
         super().__init__(*args, **kwargs)
 
     def say(self, line: str) -> None:
@@ -2733,7 +2734,7 @@ class _ProgramHandler(_CommandConnection, socketserver.BaseRequestHandler):
         environment.update(variables)
         piped = server.ssl_context is not None or server.idle_timeout is not None
         if piped:
-            stream = subprocess.PIPE  # type: Any
+            stream: Any = subprocess.PIPE
         else:
             self.request.setblocking(True)  # the child shares the flags
             stream = self.request.fileno()
@@ -2819,8 +2820,8 @@ class _Pump:
                             ssl.SSLWantWriteError)
         self.connection = connection
         self.child = child  # subprocess.Popen
-        self.stdin = child.stdin  # type: Any  # None once closed
-        self.stdout = child.stdout  # type: Any  # None once closed
+        self.stdin: Any = child.stdin  # None once closed
+        self.stdout: Any = child.stdout  # None once closed
         self.inward = bytearray()  # from the client, for PROGRAM
         self.outward = bytearray()  # from PROGRAM, for the client
         self.client_open = True  # till the client's end, or PROGRAM's stdin's
@@ -2880,7 +2881,7 @@ class _Pump:
              moved_at: float) -> Optional[float]:
         """Seconds select() may wait: what is left of timeout, and at most
         _EXIT_POLL once only polling shows PROGRAM's exit."""
-        left = None  # type: Optional[float]
+        left: Optional[float] = None
         if timeout is not None:
             left = max(0.0, moved_at + timeout - time.monotonic())
         if self.output_done() and self.exit_fd is None:
