@@ -33,7 +33,8 @@ workers  Connection rate of conn's daytime thunk, 32 and 256 clients, with
 
 How it measures: every server runs in a process of its own (this script
 with --serve KIND), pinned to the first CPU (but workers' servers, which
-use every CPU); the load generator is pinned to the second.  The load generator is a small C program compiled at run
+use every CPU); the load generator is pinned to the second.  The load
+generator is a small C program compiled at run
 time with gcc, cc or clang, else a multi-process Python client: the output
 says which.  Everything runs on 127.0.0.1, on a port the OS picks.  Each
 figure is the median of --runs runs (3) per server; the servers' runs
@@ -952,7 +953,7 @@ class PythonLoadGenerator:
                 try:
                     proc.wait(max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    raise BenchError("Python load generator timed out")
+                    raise BenchError("Python load generator timed out") from None
                 if proc.returncode != 0:
                     raise BenchError("Python load generator exited with %s: %s"
                                      % (proc.returncode, err.text()[-300:].strip()))
@@ -967,7 +968,7 @@ def parse_load_result(text):
     try:
         result = json.loads(text)
     except ValueError:
-        raise BenchError("load generator printed no result: %r" % text[:200])
+        raise BenchError("load generator printed no result: %r" % text[:200]) from None
     result["hist"] = {int(bucket): count for bucket, count in result["hist"]}
     return result
 
@@ -1362,7 +1363,8 @@ def run_ab(ab, url, clients, duration):
     rate = number(r"^Requests per second:\s+([\d.]+)")
     if rate is None:
         raise BenchError("ab printed no rate: %r" % out[-300:])
-    errors = (number(r"^Failed requests:\s+(\d+)") or 0) + (number(r"^Non-2xx responses:\s+(\d+)") or 0)
+    errors = ((number(r"^Failed requests:\s+(\d+)") or 0)
+              + (number(r"^Non-2xx responses:\s+(\d+)") or 0))
     return {"req_s": rate, "p50_ms": number(r"^\s+50%\s+(\d+)"),
             "p99_ms": number(r"^\s+99%\s+(\d+)"), "errors": errors}, out[-3000:]
 
@@ -1421,7 +1423,7 @@ def open_idle_connections(port, count, timeout):
     except OSError as exc:
         close_all(sockets)
         raise BenchError("opened only %d of %d idle connections: %s"
-                         % (len(sockets), count, exc))
+                         % (len(sockets), count, exc)) from exc
     except BaseException:
         close_all(sockets)
         raise
@@ -1573,7 +1575,8 @@ RATE_UNITS = {"conn_s": "conn/s", "rt_s": "rt/s", "mb_s": "MB/s", "req_s": "req/
 def progress(scenario, config, run, runs, label, record):
     """One line on stderr per run, so a long benchmark shows it is alive."""
     if "levels" in record:
-        what = "; ".join("%s held: %s conn/s" % ("{:,}".format(held), fmt(level["figures"]["conn_s"]))
+        what = "; ".join("%s held: %s conn/s"
+                         % ("{:,}".format(held), fmt(level["figures"]["conn_s"]))
                          for held, level in sorted(record["levels"].items()))
         if "error" in record:
             what += "; FAILED " + record["error"][:150]
@@ -1615,7 +1618,8 @@ def scenario_conn(bench):
     for clients in s.conn_clients:
         config = "c=%d" % clients
         records = compare(bench, "conn", config, daytime_servers(bench),
-                          lambda kind: measure_rate(bench, kind, "conn", clients, "", "conn_s"))
+                          lambda kind, clients=clients: measure_rate(bench, kind, "conn",
+                                                                     clients, "", "conn_s"))
         print_table("Connection rate, daytime, %d concurrent clients (%d runs of %.1f s)"
                     % (clients, s.runs, s.duration),
                     rows_against(records, "socketserver"),
@@ -1628,8 +1632,8 @@ def scenario_ping(bench):
     for clients in s.ping_clients:
         config = "c=%d" % clients
         records = compare(bench, "ping", config, echo_servers(bench),
-                          lambda kind: measure_rate(bench, kind, "ping", clients,
-                                                    PING_MESSAGE, "rt_s"))
+                          lambda kind, clients=clients: measure_rate(bench, kind, "ping", clients,
+                                                                     PING_MESSAGE, "rt_s"))
         print_table("Ping-pong, %d persistent connections, %d-byte lines (%d runs of %.1f s)"
                     % (clients, len(PING_MESSAGE), s.runs, s.duration),
                     rows_against(records, "socketserver"),
@@ -1754,7 +1758,7 @@ def scenario_workers(bench):
     for clients in s.workers_clients:
         config = "c=%d" % clients
         records = compare(bench, "workers", config, WORKERS_SERVERS,
-                          lambda kind: measure_workers(bench, kind, clients))
+                          lambda kind, clients=clients: measure_workers(bench, kind, clients))
         print_table("Workers: connection rate, daytime thunk, serve_workers(1) against "
                     "serve_workers(2), %d concurrent clients (%d runs of %.1f s; servers "
                     "NOT pinned: on CPUs %s, the load generator's too)"
@@ -1818,13 +1822,13 @@ def print_table(title, rows, columns, legend, ratio_name="x ss"):
     (median) or "sum" (over the runs).
     """
     header = ["server"]
-    for key, name, how in columns:
+    for _key, name, how in columns:
         header += [name, "min-max", ratio_name] if how == "main" else [name]
     lines = [header]
     notes = []
     for label, records, reference in rows:
         line = [label]
-        for key, name, how in columns:
+        for key, _name, how in columns:
             values = values_of(records, key)
             if how == "sum":
                 line.append("{:,}".format(int(sum(values))) if values else "-")

@@ -404,7 +404,7 @@ class TestHooks(ServerTestCase):
         server = self.serve(Wrapping(("127.0.0.1", 0), EchoHandler, max_requests=1))
         for _ in range(2):
             self.assertEqual(self.talk(server), b"")
-        for number in range(3):
+        for _ in range(3):
             self.assertEqual(self.talk(server, b"x\n"), b"2:x\n")
         self.assertEqual(len(attempts), 5)
 
@@ -522,7 +522,8 @@ class TestTLSRecipe(ServerTestCase):
             self.assertEqual(read_all(sock), b"served\n")
         self.stop(server)
         self.assertNotIn("Traceback", stderr.getvalue())
-        self.assertRegex(stderr.getvalue(), r"tcpserver-1 \(with 127\.0\.0\.1\) finished \(setup failed, SSLError")
+        self.assertRegex(stderr.getvalue(),
+                         r"tcpserver-1 \(with 127\.0\.0\.1\) finished \(setup failed, SSLError")
 
     def test_thunk_error_resets_the_tls_connection(self):
         def thunk():
@@ -1068,13 +1069,17 @@ class TestLimit(ServerTestCase):
     def test_bad_arguments(self):
         thunk = lambda: None  # noqa: E731
         cases = [
-            ((("127.0.0.1", 0), thunk, 0), ValueError, "max_requests must be a positive int or None, not 0"),
+            ((("127.0.0.1", 0), thunk, 0), ValueError,
+             "max_requests must be a positive int or None, not 0"),
             ((("127.0.0.1", 0), thunk, -5), ValueError, "not -5"),
-            ((("127.0.0.1", 0), thunk, "3"), TypeError, "max_requests must be a positive int or None, not str"),
+            ((("127.0.0.1", 0), thunk, "3"), TypeError,
+             "max_requests must be a positive int or None, not str"),
             ((("127.0.0.1", 0), thunk, 2.5), TypeError, "not float"),
             ((("127.0.0.1", 0), thunk, True), TypeError, "not bool"),
             ((("127.0.0.1", 0), "thunk"), TypeError, "thunk must be callable, not str"),
-            (("6504", thunk), TypeError, "listener must be a listening socket, a port number or a (host, port) tuple, not '6504'"),
+            (("6504", thunk), TypeError,
+             "listener must be a listening socket, a port number or a (host, port) tuple, "
+             "not '6504'"),
             ((6504.0, thunk), TypeError, "not 6504.0"),
             ((("127.0.0.1",), thunk), TypeError, "not ('127.0.0.1',)"),
         ]
@@ -1093,11 +1098,13 @@ class TestLimit(ServerTestCase):
                 tcpserver.make_tcp_server(unbound, print)
 
     def test_server_class_arguments(self):
-        with self.assertRaisesRegex(TypeError, "thunk must be callable when RequestHandlerClass is a ThunkHandler, not None"):
+        with self.assertRaisesRegex(TypeError, "thunk must be callable when RequestHandlerClass "
+                                               "is a ThunkHandler, not None"):
             tcpserver.ThreadingTCPServer(("127.0.0.1", 0), tcpserver.ThunkHandler)
         with self.assertRaisesRegex(TypeError, "thunk must be callable, not int"):
             tcpserver.ThreadingTCPServer(("127.0.0.1", 0), tcpserver.ThunkHandler, thunk=3)
-        with self.assertRaisesRegex(ValueError, "max_requests must be a positive int or None, not 0"):
+        with self.assertRaisesRegex(ValueError,
+                                    "max_requests must be a positive int or None, not 0"):
             tcpserver.ThreadingTCPServer(("127.0.0.1", 0), tcpserver.ThunkHandler,
                                          thunk=print, max_requests=0)
 
@@ -1224,8 +1231,10 @@ class TestErrors(ServerTestCase):
                 self.stop(server)
                 lines = stderr.getvalue().splitlines()
                 self.assertEqual(lines[0], "[%s] waiting for requests..." % prefix)
-                self.assertEqual(lines[1], "[%s] request 1 from 127.0.0.1; tcpserver-1 (of 1) started..." % prefix)
-                self.assertRegex(lines[2], r"^\[%s\] tcpserver-1 finished \(ok\) in \d+\.\d{3}s\.$" % prefix)
+                self.assertEqual(lines[1], "[%s] request 1 from 127.0.0.1; tcpserver-1 (of 1) "
+                                           "started..." % prefix)
+                self.assertRegex(lines[2],
+                                 r"^\[%s\] tcpserver-1 finished \(ok\) in \d+\.\d{3}s\.$" % prefix)
                 self.assertEqual(len(lines), 3)
 
     def test_debug_warning_is_not_printed_twice(self):
@@ -1272,9 +1281,11 @@ class TestErrors(ServerTestCase):
 
     def test_bad_debug_values(self):
         with tcpserver.make_tcp_server(("127.0.0.1", 0), print) as server:
-            with self.assertRaisesRegex(TypeError, "debug must be a bool or a non-empty str, not 1"):
+            with self.assertRaisesRegex(TypeError,
+                                        "debug must be a bool or a non-empty str, not 1"):
                 server(debug=1)
-            with self.assertRaisesRegex(ValueError, "debug must be a bool or a non-empty str, not ''"):
+            with self.assertRaisesRegex(ValueError,
+                                        "debug must be a bool or a non-empty str, not ''"):
                 server(debug="")
 
     def test_quiet_by_default(self):
@@ -1551,7 +1562,8 @@ class TestTLS(ServerTestCase):
 
         server = self.start_tls(thunk, debug=True)
         client = subprocess.Popen(
-            ["openssl", "s_client", "-tls1_2", "-connect", "127.0.0.1:%d" % server.server_address[1]],
+            ["openssl", "s_client", "-tls1_2", "-connect",
+             "127.0.0.1:%d" % server.server_address[1]],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.addCleanup(client.stdout.close)
         self.addCleanup(client.stdin.close)
@@ -1616,7 +1628,8 @@ class TestTimeouts(ServerTestCase):
 
         server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, timeout=0.2))
         with self.connect(server) as sock:
-            self.assertEqual(read_all(sock), b"caught True the client sent nothing for 0.2 seconds\n")
+            self.assertEqual(read_all(sock),
+                             b"caught True the client sent nothing for 0.2 seconds\n")
 
     def test_uncaught_idle_timeout_resets_and_frees_the_slot(self):
         stderr = self.capture("stderr")
@@ -1791,7 +1804,8 @@ class TestClientLimits(ServerTestCase):
 
     def test_max_per_client(self):
         server, started = self.held_server(max_per_client=2)
-        first, second = self.connect_from(server, "127.0.0.1"), self.connect_from(server, "127.0.0.1")
+        first, second = (self.connect_from(server, "127.0.0.1"),
+                         self.connect_from(server, "127.0.0.1"))
         for _ in range(2):
             self.assertTrue(started.acquire(timeout=TIMEOUT))
         third = self.connect_from(server, "127.0.0.1")
@@ -1972,7 +1986,7 @@ class TestMaxLine(ServerTestCase):
                 print("too long:", exc)
             print(len(binary.readline()), len(binary.readline(10)), binary.readline())
             try:
-                for line in binary:
+                for _line in binary:
                     pass
             except tcpserver.LineTooLong:
                 print("iteration is capped too")
@@ -1989,18 +2003,24 @@ class TestMaxLine(ServerTestCase):
         self.assertEqual(self.talk(server, b"b" * 200000 + b"\n"), b"200000\n")
 
     def test_bad_settings(self):
-        cases = [({"timeout": 0}, ValueError, "idle_timeout must be a number of seconds > 0 or None, not 0"),
-                 ({"timeout": "5"}, TypeError, "idle_timeout must be a number of seconds > 0 or None, not str"),
-                 ({"drain_timeout": -1}, ValueError, "drain_timeout must be a number of seconds >= 0 or None, not -1"),
+        cases = [({"timeout": 0}, ValueError,
+                  "idle_timeout must be a number of seconds > 0 or None, not 0"),
+                 ({"timeout": "5"}, TypeError,
+                  "idle_timeout must be a number of seconds > 0 or None, not str"),
+                 ({"drain_timeout": -1}, ValueError,
+                  "drain_timeout must be a number of seconds >= 0 or None, not -1"),
                  ({"max_line": 0}, ValueError, "max_line must be a positive int or None, not 0"),
-                 ({"max_per_client": 1.5}, TypeError, "max_per_client must be a positive int or None, not float"),
-                 ({"ssl_context": "cert.pem"}, TypeError, "ssl_context must be an ssl.SSLContext or None, not str")]
+                 ({"max_per_client": 1.5}, TypeError,
+                  "max_per_client must be a positive int or None, not float"),
+                 ({"ssl_context": "cert.pem"}, TypeError,
+                  "ssl_context must be an ssl.SSLContext or None, not str")]
         for settings, error, text in cases:
             with self.subTest(settings=settings):
                 with self.assertRaises(error) as caught:
                     tcpserver.make_tcp_server(("127.0.0.1", 0), print, **settings)
                 self.assertIn(text, str(caught.exception))
-        with self.assertRaisesRegex(ValueError, "max_per_client must be a positive int or None, not 0"):
+        with self.assertRaisesRegex(ValueError,
+                                    "max_per_client must be a positive int or None, not 0"):
             tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler, max_per_client=0)
 
 
@@ -2421,7 +2441,7 @@ class TestSoakAndFaults(ServerTestCase):
         for number in range(1, fd_limit + 1):
             clients.append(self.connect_to(port))
             self.assertTrue(child.wait_for(
-                lambda: count("accept failed") or count("request %d from" % number),
+                lambda number=number: count("accept failed") or count("request %d from" % number),
                 TIMEOUT), tail())
             if count("accept failed"):
                 break
@@ -2607,7 +2627,8 @@ class TestRealClients(ServerTestCase):
     @unittest.skipUnless(shutil.which("socat"), "socat is not installed (apt-get install socat)")
     def test_socat(self):
         server = self.greeter()
-        result = subprocess.run(["socat", "-t", "5", "-", "TCP:127.0.0.1:%d" % server.server_address[1]],
+        result = subprocess.run(["socat", "-t", "5", "-",
+                                 "TCP:127.0.0.1:%d" % server.server_address[1]],
                                 input=b"socat\n", capture_output=True, timeout=TIMEOUT)
         self.assertEqual(result.stdout, b"hello socat\n", result.stderr)
 
@@ -2697,7 +2718,8 @@ class TestReadmeFirstScreen(unittest.TestCase):
                 self.assertRegex(server.talk(sent), expected)
                 self.assertEqual(server.stop()[0], 0)
 
-    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed "
+                         "(apt-get install openssl)")
     def test_tls(self):
         self.shell(readme_code("openssl req").strip(), "", check=True)
         self.write("tls.py", readme_code("ssl_context=context) as server:"))
@@ -2973,7 +2995,8 @@ class TestProxyProtocol(ServerTestCase):
                 tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler,
                                              bind_and_activate=False, trusted_proxies=value)
 
-    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed "
+                         "(apt-get install openssl)")
     def test_header_then_tls(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
@@ -3218,7 +3241,8 @@ class TestCommandLine(unittest.TestCase):
             module.write("import socket, tcpserver\n"
                          "def greet():\n"
                          "    connection = tcpserver.current_connection().connection\n"
-                         "    nodelay = connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)\n"
+                         "    nodelay = connection.getsockopt(socket.IPPROTO_TCP,"
+                         " socket.TCP_NODELAY)\n"
                          "    print('hello', input(), bool(nodelay))\n")
         for option, nodelay in (("-D", b"True"), ("-d", b"False")):
             server = CommandLine(self, ["-1", option, "127.0.0.1", "0", "--call", "greeter:greet"],
@@ -3419,7 +3443,8 @@ class TestCommandLine(unittest.TestCase):
                                  (["--drain", "0.3", "-w", "2"], [signal.SIGTERM])):
             with self.subTest(options=options, signals=len(signals)):
                 server = CommandLine(self, ["-1"] + options + ["127.0.0.1", "0",
-                                                               "sh", "-c", "echo up $$; sleep 20; :"])
+                                                               "sh", "-c",
+                                                               "echo up $$; sleep 20; :"])
                 with server.connect() as sock:
                     with sock.makefile("rb") as lines:
                         group = int(lines.readline().split()[1])  # sh leads its group
@@ -3477,7 +3502,8 @@ class TestCommandLine(unittest.TestCase):
             self.assertEqual(read_all(first), b"first\n")
         self.assertEqual(server.stop()[0], 0)
 
-    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed "
+                         "(apt-get install openssl)")
     def test_tls_program(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
@@ -3494,7 +3520,8 @@ class TestCommandLine(unittest.TestCase):
             self.assertEqual(bytes(received), payload)
         self.assertEqual(server.stop()[0], 0)
 
-    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to drop privileges")
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0,
+                         "needs root to drop privileges")
     def test_drop_privileges(self):
         for options, env in ((["-u", "65534", "-g", "65533"], {}),
                              (["-U"], {"UID": "65534", "GID": "65533"})):
@@ -3531,7 +3558,8 @@ class TestCommandLine(unittest.TestCase):
                     self.assertEqual(read_all(sock), address.encode() + b"\n")
             self.assertEqual(server.stop()[0], 0)
 
-    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+    @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed "
+                         "(apt-get install openssl)")
     def test_tls_client_certificates(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
