@@ -1768,6 +1768,9 @@ class TestDrain(ServerTestCase):
         self.assertIn(stats.pop("peak_active"), (1, 2))
         self.assertEqual(stats, {"accepted": 4, "active": 0, "completed": 2,
                                  "failed": 1, "refused": 1})
+        with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as readme:
+            shown = re.search(r">>> server.stats\(\)\n\s+(\{.*\})", readme.read()).group(1)
+        self.assertEqual(list(server.stats()), list(eval(shown)))  # the README's order
 
     def test_example_drains_on_sigterm(self):
         process = subprocess.Popen([sys.executable, os.path.join(HERE, "example_daytime.py"),
