@@ -1906,8 +1906,9 @@ class TestThreadsThatCannotStart(ServerTestCase):
         self.stop(server)
         self.assertEqual(len(failed), 3)
         stats = server.stats()
-        # The next client may come before the last request's thread closed.
-        self.assertIn(stats.pop("peak_active"), (1, 2))
+        # The next clients may come before the last requests' threads closed
+        # (a client sees the FIN before its request is counted out).
+        self.assertGreaterEqual(stats.pop("peak_active"), 1)
         self.assertEqual(stats, {"accepted": clients, "completed": clients, "failed": 0,
                                  "refused": 0, "active": 0})
         log = stderr.getvalue()
