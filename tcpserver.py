@@ -84,7 +84,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Set, Tuple, Union
 
 #: Listen queue length of tcp_listen() and ThreadingTCPServer: as long as
 #: the OS allows, so clients waiting for a slot are queued, not refused.
@@ -104,9 +104,6 @@ DEFAULT_MAX_LINE = 64 * 1024
 
 #: Seconds a TLS client has to complete its handshake.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-
-# Seconds a request thread has to end once its connection was shut down.
-_RESET_GRACE = 2.0
 
 # What stats() counts, besides "active" (the number of open requests).
 _STATS = ("accepted", "completed", "failed", "refused", "peak_active")
@@ -153,10 +150,6 @@ def _check_int(name: str, value: object, minimum: int, maximum: int,
                         % (name, expected, type(value).__name__))
     if not minimum <= value <= maximum:
         raise ValueError("%s must be %s, not %r" % (name, expected, value))
-
-
-def _check_max_requests(value: object) -> None:
-    _check_int("max_requests", value, 1, sys.maxsize, "a positive int or None")
 
 
 def _check_seconds(name: str, value: object, zero_ok: bool = False) -> None:
@@ -478,7 +471,6 @@ class _Bound(threading.local):
     """What a request thread is bound to; None in every other thread."""
 
     handler: Optional["ThunkHandler"] = None
-    local_address: Optional[_Address] = None
     tls_error: Optional[OSError] = None  # the connection's, if it failed
 
 
@@ -994,7 +986,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     def setup(self) -> None:
         """Make rfile, wfile and the text streams stdin, stdout on the connection."""
         self.connection = self.request
-        self.local_address = _bound.local_address
+        self.local_address = self.server.local_address(self.request)
         if self.timeout is not None:
             self.connection.settimeout(self.timeout)
         if self.disable_nagle_algorithm:
@@ -1062,6 +1054,530 @@ class ThunkHandler(socketserver.StreamRequestHandler):
 
 
 # ---------------------------------------------------------------------------
+# The server's settings.  Each is a class attribute of ThreadingTCPServer,
+# its default, and a keyword of its constructor and of make_tcp_server();
+# check_settings() checks each with its function here.
+# ---------------------------------------------------------------------------
+
+def _check_thunk(name: str, value: object) -> None:
+    if value is not None and not callable(value):
+        raise TypeError("%s must be callable, not %s"
+                        % (name, type(value).__name__))
+
+
+def _check_limit(name: str, value: object) -> None:
+    if value is not None:
+        _check_int(name, value, 1, sys.maxsize, "a positive int or None")
+
+
+def _check_count(name: str, value: object) -> None:
+    _check_int(name, value, 0, sys.maxsize, "an int >= 0")
+
+
+def _check_timeout(name: str, value: object) -> None:
+    _check_seconds(name, value)
+
+
+def _check_drain(name: str, value: object) -> None:
+    _check_seconds(name, value, zero_ok=True)
+
+
+def _check_duration(name: str, value: object) -> None:
+    if value is None:
+        raise TypeError("%s must be a number of seconds > 0, not None" % name)
+    _check_seconds(name, value)
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError("%s must be True or False, not %r" % (name, value))
+
+
+def _check_context(name: str, value: object) -> None:
+    if value is not None and not hasattr(value, "wrap_socket"):
+        raise TypeError("%s must be an ssl.SSLContext or None, not %s"
+                        % (name, type(value).__name__))
+
+
+def _check_debug(name: str, value: object) -> None:
+    if not isinstance(value, (bool, str)) or value == "":
+        error = ValueError if value == "" else TypeError
+        raise error("%s must be a bool or a non-empty str, not %r"
+                    % (name, value))
+
+
+def _check_networks(name: str, value: object) -> None:
+    _networks(name, value)
+
+
+_SETTINGS: Dict[str, Callable[[str, Any], None]] = {
+    "thunk": _check_thunk,
+    "max_requests": _check_limit,
+    "max_per_client": _check_limit,
+    "idle_timeout": _check_timeout,
+    "drain_timeout": _check_drain,
+    "reset_grace": _check_duration,
+    "max_line": _check_limit,
+    "ssl_context": _check_context,
+    "handshake_timeout": _check_duration,
+    "max_spare_threads": _check_count,
+    "spare_thread_lifetime": _check_duration,
+    "proxy_protocol": _check_flag,
+    "trusted_proxies": _check_networks,
+    "debug": _check_debug,
+}
+
+# The constructor's keywords that name a setting otherwise: socketserver's
+# own timeout attribute is handle_request()'s, so ours is idle_timeout.
+_KEYWORDS = {"timeout": "idle_timeout"}
+
+
+# ---------------------------------------------------------------------------
+# The server's helpers, one job each: the slots and counters, the request
+# threads, the worker processes.
+# ---------------------------------------------------------------------------
+
+class _Open:
+    """What the server keeps of an open request.
+
+    number: its serial number; host: its client's host, or None until a
+    PROXY header names it; local: its local address, once known; tls:
+    whether the server wrapped it in TLS, so its thread runs the handshake.
+    """
+
+    __slots__ = ("number", "host", "local", "tls")
+
+    def __init__(self, number: int, host: Optional[str], tls: bool) -> None:
+        self.number = number
+        self.host = host
+        self.local: Optional[_Address] = None
+        self.tls = tls
+
+
+class _Slots:
+    """The server's request slots, its open requests and its counters.
+
+    One lock guards them (and the request threads' lists): the accept
+    thread takes a slot before it accepts, a request gives it back when
+    its connection closes, stats() reads from any thread.  The condition
+    freed wakes the accept thread when a slot comes free, a request thread
+    turns spare, or shutdown() wants the thread back.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.freed = threading.Condition(self.lock)
+        self.taken = 0           # slots held: open requests, and one pending
+        self.pending = False     # the accept thread holds a slot, no request
+        self.full = False        # "all slots busy" has been logged
+        self.stopping = False    # shutdown() wants the accept thread back
+        self.open: Dict[socket.socket, _Open] = {}
+        self.per_client: Dict[str, int] = {}  # host -> its requests open
+        self.drained: Set[socket.socket] = set()  # reset by server_close()
+        self.counts = dict.fromkeys(_STATS, 0)  # stats() without "active"
+        self.dispatched = 0      # requests handed to a thread so far
+
+    def take(self, limit: Optional[int], timeout: Optional[float],
+             log: Callable[[str, int], None]) -> None:
+        """Hold a slot for the next connection, waiting up to timeout for one.
+
+        Raises OSError if none frees in time or shutdown() ends the wait.
+        A full limit is logged once on entry and once on exit.
+        """
+        with self.lock:
+            if self.pending:
+                return  # still held: the last accept failed
+            if (limit is None or self.taken < limit) and not self.full:
+                self.taken += 1
+                self.pending = True
+                return
+            became_full = not self.full
+            self.full = True
+        if became_full:
+            log("all %d request slots busy; new clients wait" % limit,
+                logging.INFO)
+        with self.lock:
+            self.freed.wait_for(lambda: self.stopping or self.taken < limit,
+                                timeout)
+            if self.stopping or self.taken >= limit:
+                raise OSError("no request slot is free")
+            self.taken += 1
+            self.pending = True
+            self.full = False
+        log("a request slot is free; accepting again", logging.INFO)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to timeout seconds, or until shutdown(); True if stopping."""
+        with self.lock:
+            return self.freed.wait_for(lambda: self.stopping, timeout)
+
+    def count_in(self, host: Optional[str],
+                 max_per_client: Optional[int]) -> bool:
+        """Count one more request from host (None: not known yet), unless it
+        has max_per_client open already: False then.  Lock held."""
+        if host is None:
+            return True
+        opened = self.per_client.get(host, 0)
+        if max_per_client is not None and opened >= max_per_client:
+            return False
+        self.per_client[host] = opened + 1
+        return True
+
+    def open_request(self, request: socket.socket, host: Optional[str],
+                     tls: bool) -> int:
+        """Make the pending slot's connection an open request; return its
+        number.  Lock held."""
+        self.counts["accepted"] += 1
+        self.pending = False
+        self.dispatched += 1
+        self.open[request] = _Open(self.dispatched, host, tls)
+        self.counts["peak_active"] = max(self.counts["peak_active"],
+                                         len(self.open))
+        return self.dispatched
+
+    def close_request(self, request: socket.socket) -> None:
+        """Give back the slot of request, or of the pending connection that
+        was refused before it became one (counted then)."""
+        with self.lock:
+            opened = self.open.pop(request, None)
+            if opened is not None and opened.host is not None:
+                self.per_client[opened.host] -= 1
+                if not self.per_client[opened.host]:
+                    del self.per_client[opened.host]
+            elif opened is None:
+                if not self.pending:
+                    return  # not ours, or given back already
+                self.pending = False
+                self.counts["accepted"] += 1
+                self.counts["refused"] += 1
+            self.taken -= 1
+            self.freed.notify()
+
+    def end(self, request: socket.socket, kind: str) -> bool:
+        """Count how request ended (its kind); return True if server_close()
+        reset it meanwhile, which then is how it ended."""
+        with self.lock:
+            drained = request in self.drained
+            self.drained.discard(request)
+            self.counts[_COUNTED_AS.get("drained" if drained else kind,
+                                        "failed")] += 1
+            return drained
+
+    def drain(self) -> List[socket.socket]:
+        """Mark every open request as reset by server_close(); return them."""
+        with self.lock:
+            self.drained.update(self.open)
+            return list(self.open)
+
+    def stats(self) -> Dict[str, int]:
+        with self.lock:
+            counts = dict(self.counts)
+            counts["active"] = len(self.open)
+        return counts
+
+
+class _RequestThread:
+    """A request thread, and how to hand it its next job while it is spare.
+
+    job is (request, client_address, thread name) or None; wake is a lock
+    held while the thread waits, released to give it a job (or the end).
+    """
+
+    __slots__ = ("thread", "job", "wake")
+
+    def __init__(self, job: Tuple[socket.socket, _Address, str],
+                 run: Callable[["_RequestThread"], None], daemon: bool) -> None:
+        self.job: Optional[Tuple[socket.socket, _Address, str]] = job
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.thread = threading.Thread(target=run, args=(self,), name=job[2],
+                                       daemon=daemon)
+
+    def hand(self, job: Tuple[socket.socket, _Address, str]) -> None:
+        """Give a spare thread its next job (None: end)."""
+        self.job = job
+        self.wake.release()
+
+
+class _RequestThreads:
+    """The server's request threads: each serves its request, then waits
+    as a spare for the next one, for a while.
+
+    Its lists are guarded by the slots' lock, as they change together.
+    Starting a thread may fail (RuntimeError: the process or its user is
+    out of threads): the accept thread then waits, backing off as for
+    EMFILE, while other clients wait in the listen queue, until a thread
+    starts or one turns spare.  That is logged once when threads begin to
+    fail, and once more when _STARTS_TO_RECOVER in a row have started at
+    once (threads free up between failures, so failures and successes
+    alternate until the pressure ends).
+    """
+
+    def __init__(self, server: "ThreadingTCPServer") -> None:
+        self.server = server
+        self.slots = server._slots
+        self.threads: Set[_RequestThread] = set()
+        self.spare: List[_RequestThread] = []
+        self.closing = False      # server_close() has begun
+        self.start_failures = 0   # threads that could not start, lately
+        self.good_starts = 0      # started at once since the last failure
+
+    def take_spare(self) -> Optional[_RequestThread]:
+        """Return a spare thread, taken off the list, or None.  Lock held."""
+        return self.spare.pop() if self.spare else None
+
+    def start(self, job: Tuple[socket.socket, _Address, str]) -> bool:
+        """Have a new thread (or one that turns spare meanwhile) serve job.
+
+        Returns False, job unserved, if shutdown() comes first.  Called in
+        the accept thread.
+        """
+        failures = 0  # for this job
+        while True:
+            worker = _RequestThread(job, self.run, self.server.daemon_threads)
+            with self.slots.lock:
+                self.threads.add(worker)
+            try:
+                worker.thread.start()
+                break
+            except RuntimeError as exc:
+                with self.slots.lock:
+                    self.threads.discard(worker)
+                failures += 1
+                self.failed_to_start(exc)
+            spare, stopping = self.wait_for_spare(failures)
+            if spare is not None:
+                spare.hand(job)
+                break
+            if stopping:
+                return False
+        if not failures and self.start_failures:
+            self.good_starts += 1
+            if self.good_starts == _STARTS_TO_RECOVER:
+                self.server.log("request threads start again, after %d "
+                                "failures" % self.start_failures,
+                                logging.WARNING)
+                self.start_failures = 0
+        return True
+
+    def failed_to_start(self, exc: RuntimeError) -> None:
+        if not self.start_failures:
+            self.server.log("cannot start a request thread (%s); new clients "
+                            "wait" % (exc,), logging.WARNING)
+        self.start_failures += 1
+        self.good_starts = 0
+
+    def wait_for_spare(self, failures: int
+                       ) -> Tuple[Optional[_RequestThread], bool]:
+        """Back off after failures to start a thread; return a spare thread
+        if one came free meanwhile, and whether shutdown() is waiting."""
+        delay = min(1.0, 0.01 * 2 ** (failures - 1))
+        with self.slots.lock:
+            self.slots.freed.wait_for(
+                lambda: self.slots.stopping or self.spare, delay)
+            return self.take_spare(), self.slots.stopping
+
+    def run(self, worker: _RequestThread) -> None:
+        """A request thread's life: serve its job, then each job it is
+        handed while spare."""
+        try:
+            while worker.job is not None:
+                request, client_address, worker.thread.name = worker.job
+                worker.job = None
+                self.server.process_request_thread(request, client_address)
+                self.wait_for_job(worker)
+        finally:
+            with self.slots.lock:
+                self.threads.discard(worker)
+
+    def wait_for_job(self, worker: _RequestThread) -> None:
+        """Wait as a spare thread until handed a job; leave worker.job None
+        to end."""
+        with self.slots.lock:
+            if (self.closing
+                    or len(self.spare) >= self.server.max_spare_threads):
+                return
+            self.spare.append(worker)
+            self.slots.freed.notify()  # for wait_for_spare(), if it waits
+        if worker.wake.acquire(timeout=self.server.spare_thread_lifetime):
+            return
+        with self.slots.lock:
+            if worker in self.spare:  # nobody took it in time: retire
+                self.spare.remove(worker)
+                return
+        worker.wake.acquire()  # process_request() took it: the job is coming
+
+    def alive(self) -> List[threading.Thread]:
+        """Return the request threads still running."""
+        with self.slots.lock:
+            return [worker.thread for worker in self.threads
+                    if worker.thread.is_alive()]
+
+    def close(self) -> List[threading.Thread]:
+        """End the spare threads; return the other threads to wait for."""
+        with self.slots.lock:
+            self.closing = True
+            spare, self.spare = self.spare, []
+            threads = [worker.thread for worker in self.threads]
+        for worker in spare:
+            worker.wake.release()  # with no job: the thread ends
+        return [thread for thread in threads if not thread.daemon]
+
+
+def _join(threads: List[threading.Thread], timeout: Optional[float]) -> bool:
+    """Join threads within timeout seconds in all (None: wait); True if all ended."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for thread in threads:
+        thread.join(None if deadline is None
+                    else max(0.0, deadline - time.monotonic()))
+    return not any(thread.is_alive() for thread in threads)
+
+
+def _stop_processes(pids: List[int]) -> None:
+    """Send SIGTERM to each process of pids that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # it ended; its parent reaps it
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process now, with what was written flushed, threads or not."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass  # no stream, or a closed one: nothing to flush
+    os._exit(code)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _WorkerProcesses:
+    """Worker processes that serve one listening socket, and their
+    supervisor, this process: serve_workers() is its run()."""
+
+    def __init__(self, server: "ThreadingTCPServer", count: int,
+                 poll_interval: float) -> None:
+        self.server = server
+        self.count = count
+        self.poll_interval = poll_interval
+        self.running: Dict[int, float] = {}  # pid -> when it started
+        self.stopping: List[int] = []  # the signals received, to pass on
+        self.quick_deaths = 0  # workers in a row that died within a second
+
+    def run(self, ready: Optional[Callable[[], None]]) -> None:
+        """Fork, replace and stop the workers until a stop signal ends them."""
+        previous = {number: signal.signal(number, self.pass_on)
+                    for number in _STOP_SIGNALS}
+        # Blocking accept() in a worker that lost the race for a connection
+        # would keep it from noticing shutdown().
+        listener = self.server.socket
+        blocking = listener.getblocking()
+        listener.setblocking(False)
+        try:
+            if ready is not None:
+                ready()
+            while self.running or not self.stopping:
+                self.fork_missing()
+                if not self.running:
+                    break
+                self.reap_one()
+        finally:
+            self.end_all()
+            listener.setblocking(blocking)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def pass_on(self, signum: int, frame: Any) -> None:
+        """The supervisor's handler of a stop signal: pass it on to the workers."""
+        self.stopping.append(signum)
+        _stop_processes(list(self.running))
+
+    def fork_missing(self) -> None:
+        """Start workers until there are count, unless stopping."""
+        # Blocked until the new pids are in running, for pass_on().
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            while not self.stopping and len(self.running) < self.count:
+                self.running[self.fork()] = time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    def reap_one(self) -> None:
+        """Wait for a child to end; a worker that died unasked is replaced,
+        after a growing pause if workers keep dying at once."""
+        pid, status = os.wait()
+        began = self.running.pop(pid, None)
+        if began is None or self.stopping:
+            return  # a child not ours, or the stop we asked for
+        self.server.log("worker %d ended (wait status %d); starting another"
+                        % (pid, status), logging.WARNING)
+        if time.monotonic() - began >= 1.0:
+            self.quick_deaths = 0
+            return
+        self.quick_deaths += 1
+        if self.quick_deaths > 1:  # no storm of forks
+            time.sleep(min(1.0, 0.05 * 2 ** (self.quick_deaths - 2)))
+
+    def end_all(self) -> None:
+        """Stop the workers still running, and reap them."""
+        _stop_processes(list(self.running))
+        for pid in self.running:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass  # reaped already
+
+    def fork(self) -> int:
+        """Start one worker process; return its pid.  The worker never returns.
+
+        Called with SIGTERM and SIGINT blocked: the worker unblocks them
+        once it has handlers of its own, as this process's would pass the
+        signal on to the worker's siblings.
+        """
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 1
+        try:
+            # The supervisor passes on a signal the worker may have had
+            # too (a stop of the whole process group): not a second one.
+            self.server.serve_until_signalled(
+                self.poll_interval, patience=0.5, ready=lambda: (
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)))
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            _exit_now(code)  # never run the parent's code, or its atexit
+
+
+def _runs_thunks(handler_class: Any) -> bool:
+    """Return True if handler_class is a ThunkHandler (it may be a partial)."""
+    return isinstance(handler_class, type) and issubclass(handler_class,
+                                                          ThunkHandler)
+
+
+def _describe(exc: BaseException) -> str:
+    """Return "Type: message" for a diagnostic line, whatever exc's __str__ does."""
+    try:
+        message = str(exc)
+    except Exception:  # a broken __str__ must not hide the failure
+        message = "<exception str() failed>"
+    return "%s: %s" % (type(exc).__name__, message)
+
+
+def _host(address: _Address) -> str:
+    """Return the host part of an address for a diagnostic line."""
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address)
+
+
+# ---------------------------------------------------------------------------
 # The server: the accept loop runs in serve_forever()'s thread, everything
 # per connection in that connection's thread.
 # ---------------------------------------------------------------------------
@@ -1081,9 +1597,15 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
     - __call__(debug=False, poll_interval=0.5, workers=None): serve, the
       egg's way;
-    - serve_workers(workers, poll_interval=0.5): serve in worker processes;
+    - serve_until_signalled(poll_interval=0.5, ready=None, patience=0):
+      serve until SIGTERM or SIGINT, then drain;
+    - serve_workers(workers, poll_interval=0.5, ready=None): serve in
+      worker processes;
     - from_listener(listener, RequestHandlerClass, **kwargs): a server on
-      a socket that is already listening.
+      a socket that is already listening;
+    - check_settings(): check the settings below;
+    - local_address(request): an open connection's local address;
+    - stats(), and the property serving.
 
     Methods that may be overridden: those of the parent, and
 
@@ -1092,11 +1614,13 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     - prepare_hard_close(conn), default tcp_abandon;
     - log(message, level): one diagnostic line;
     - client_gone(request, exc): does exc mean the client left?
-    - abort_request(request, peer): reset a failed connection.
+    - abort_request(request, peer): reset a failed connection;
+    - stop_now(): what to end before the process exits at once.
 
-    Class variables that may be overridden by subclasses or instances
-    (the constructor takes most of them as keywords too): those of the
-    parent, and
+    Settings: class variables that subclasses or instances may override,
+    and keywords of the constructor (timeout sets idle_timeout).  A change
+    made on an instance takes effect when serving starts, which checks
+    them all again (check_settings()):
 
     - thunk: the function each ThunkHandler calls, None;
     - max_requests: requests served at once, None for no limit;
@@ -1105,9 +1629,12 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
       progress, None for no limit; a handler's own timeout wins;
     - drain_timeout: seconds server_close() gives running requests before
       it resets their connections, DEFAULT_DRAIN_TIMEOUT; None waits;
+    - reset_grace: seconds a reset request has to end before the next,
+      harder step of the drain, 2;
     - max_line: longest line a thunk reads, DEFAULT_MAX_LINE; None: no cap;
     - ssl_context: an ssl.SSLContext to serve TLS with, None;
-    - handshake_timeout: seconds a TLS client has for its handshake;
+    - handshake_timeout: seconds a TLS client has for its handshake (and
+      a balancer for its PROXY header);
     - max_spare_threads: request threads kept waiting for the next
       request once theirs ended, 16 (0: a new thread for each request);
     - spare_thread_lifetime: seconds a spare thread waits before it ends;
@@ -1123,6 +1650,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     max_per_client: Optional[int] = None
     idle_timeout: Optional[float] = None
     drain_timeout: Optional[float] = DEFAULT_DRAIN_TIMEOUT
+    reset_grace: float = 2.0
     max_line: Optional[int] = DEFAULT_MAX_LINE
     ssl_context: Any = None
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
@@ -1136,6 +1664,16 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     get_addresses = staticmethod(tcp_addresses)
     prepare_hard_close = staticmethod(tcp_abandon)
 
+    # The per-server state, made by __new__.
+    _slots: _Slots
+    _request_threads: _RequestThreads
+    _trusted: List[Any]         # trusted_proxies, parsed
+    _stop: threading.Event      # shutdown() wants serve_forever() to end
+    _loop_done: threading.Event  # serve_forever() has ended
+    _wake: Optional[socket.socket]  # written to by shutdown(); slots' lock
+    _poll_interval: Optional[float]  # serve_forever()'s, while it runs
+    _accept_errors: int         # failed accepts in a row
+
     def __new__(cls, *args: Any, **kwargs: Any) -> "ThreadingTCPServer":
         """Create the per-server state, whichever __init__ runs.
 
@@ -1143,35 +1681,18 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         directly (SimpleXMLRPCServer does) and so skip ours.
         """
         self = super().__new__(cls)
-        self._check_settings()
-        self._lock = threading.Lock()  # guards the state below
-        self._slots = threading.Condition(self._lock)  # a slot came free
-        self._taken = 0          # slots held: open requests, and one pending
-        self._pending = False    # the accept thread holds a slot, no request
-        self._full = False       # "all slots busy" has been logged
-        self._stopping = False   # shutdown() wants the accept thread back
-        self._open: Dict[Any, Any] = {}  # request -> (number, host or None)
-        self._per_client: Dict[str, int] = {}  # host -> open
-        self._drained: Set[Any] = set()  # requests server_close() reset
-        self._counts = dict.fromkeys(_STATS, 0)  # stats() without "active"
-        self._dispatched = 0     # requests handed to a thread so far
-        self._accept_errors = 0  # failed accepts in a row
-        self._start_failures = 0  # request threads that could not start, lately
-        self._good_starts = 0    # ones that started at once since the last failure
-        self._poll_interval: Optional[float] = None
-        self._serving = False
-        self._workers: Set[_Worker] = set()  # request threads
-        self._spare: List[_Worker] = []  # waiting for a job
-        self._closing = False    # server_close() has begun
-        self._install_hooks()
+        self._slots = _Slots()
+        self._request_threads = _RequestThreads(self)
+        self._trusted = []
+        self._stop = threading.Event()
+        self._loop_done = threading.Event()
+        self._wake = None
+        self._poll_interval = None
+        self._accept_errors = 0
         return self
 
     def __init__(self, server_address: _Address, RequestHandlerClass: Any,
-                 *args: Any, thunk: Any = _UNSET, max_requests: Any = _UNSET,
-                 max_per_client: Any = _UNSET, timeout: Any = _UNSET,
-                 drain_timeout: Any = _UNSET, max_line: Any = _UNSET,
-                 ssl_context: Any = _UNSET, proxy_protocol: Any = _UNSET,
-                 trusted_proxies: Any = _UNSET, **kwargs: Any) -> None:
+                 *args: Any, **kwargs: Any) -> None:
         """Constructor.  May be extended, do not override.
 
         As socketserver's (server_address, RequestHandlerClass,
@@ -1180,119 +1701,31 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         the parent's timeout, for handle_request(), is left alone).  Other
         arguments go on to the next class's __init__, so this class
         combines with other server classes.  Raises TypeError or ValueError
-        for bad arguments, before anything is bound.
+        for bad settings, before anything is bound.
         """
-        settings = {"thunk": thunk, "max_requests": max_requests,
-                    "max_per_client": max_per_client, "idle_timeout": timeout,
-                    "drain_timeout": drain_timeout, "max_line": max_line,
-                    "ssl_context": ssl_context, "proxy_protocol": proxy_protocol,
-                    "trusted_proxies": trusted_proxies}
-        for name, value in settings.items():
-            if value is not _UNSET:
-                setattr(self, name, value)
-        self._check_settings()
-        if self.thunk is None and _runs_thunks(RequestHandlerClass):
-            raise TypeError("thunk must be callable when RequestHandlerClass"
-                            " is a ThunkHandler, not None")
-        self._install_hooks()
+        for keyword in list(kwargs):
+            name = _KEYWORDS.get(keyword, keyword)
+            if name in _SETTINGS:
+                setattr(self, name, kwargs.pop(keyword))
+        self.RequestHandlerClass = RequestHandlerClass  # for check_settings()
+        self.check_settings()
         super().__init__(server_address, RequestHandlerClass, *args, **kwargs)
 
-    def _check_settings(self) -> None:
+    def check_settings(self) -> None:
         """Raise TypeError or ValueError for a setting out of its range.
 
-        Keeps trusted_proxies parsed, for proxy_get_addresses().
+        Checks every setting (see the class docstring), as the instance has
+        it now.  Called by the constructor and again when serving starts,
+        so a setting changed on the instance meanwhile takes effect, and a
+        bad one fails before any connection is accepted.  May be extended.
         """
-        if self.thunk is not None and not callable(self.thunk):
-            raise TypeError("thunk must be callable, not %s"
-                            % type(self.thunk).__name__)
-        for name in ("max_requests", "max_per_client", "max_line"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1, sys.maxsize,
-                           "a positive int or None")
-        _check_seconds("idle_timeout", self.idle_timeout)
-        _check_seconds("handshake_timeout", self.handshake_timeout)
-        _check_seconds("drain_timeout", self.drain_timeout, zero_ok=True)
-        if (self.ssl_context is not None
-                and not hasattr(self.ssl_context, "wrap_socket")):
-            raise TypeError("ssl_context must be an ssl.SSLContext or None, "
-                            "not %s" % type(self.ssl_context).__name__)
+        for name, check in _SETTINGS.items():
+            check(name, getattr(self, name))
+        handler = getattr(self, "RequestHandlerClass", None)
+        if self.thunk is None and _runs_thunks(handler):
+            raise TypeError("thunk must be callable when RequestHandlerClass"
+                            " is a ThunkHandler, not None")
         self._trusted = _networks("trusted_proxies", self.trusted_proxies)
-
-    def _install_hooks(self) -> None:
-        """Put the TLS and PROXY protocol hooks in front of the class's hooks,
-        as ssl_context and proxy_protocol ask, for this instance.
-
-        Called at construction: from __new__ with the class's settings, and
-        again from __init__ with the keywords'.  The PROXY header comes
-        before the TLS handshake, so its hook goes in front.
-        """
-        for name in ("accept_connection", "get_addresses"):
-            vars(self).pop(name, None)  # back to the class's hooks
-        if self.ssl_context is not None:
-            self._tcp_accept = self.accept_connection
-            self._tcp_addresses = self.get_addresses
-            self.accept_connection = self.tls_accept_connection
-            self.get_addresses = self.tls_get_addresses
-        if self.proxy_protocol:
-            self._proxied_addresses = self.get_addresses
-            self.get_addresses = self.proxy_get_addresses
-
-    def proxy_get_addresses(self, conn: socket.socket
-                            ) -> Tuple[_Address, _Address]:
-        """The get_addresses hook with proxy_protocol on: the client's real addresses.
-
-        Runs in the connection's own thread.  A connection from one of the
-        trusted_proxies must begin with a PROXY protocol header (version 1
-        or 2), read within handshake_timeout seconds; its addresses replace
-        the connection's own, unless it carries none (a LOCAL health
-        check).  ProxyHeaderError or socket.timeout (OSErrors) make the
-        server close that connection with one diagnostic line.  A
-        connection from anywhere else is served as it is: its first bytes
-        are not read as a header, so it cannot claim another address.
-        Then the hooks behind this one run (for TLS: the handshake).
-        """
-        header = None
-        if self._is_trusted(conn.getpeername()):
-            header = read_proxy_header(conn, self.handshake_timeout)
-            conn.settimeout(None)
-        local, peer = self._proxied_addresses(conn)
-        return header or (local, peer)
-
-    def _is_trusted(self, peer: _Address) -> bool:
-        """Is peer (the balancer's address) allowed to send a PROXY header?"""
-        address = ipaddress.ip_address(_plain_address(peer)[0].split("%")[0])
-        return any(address in network for network in self._trusted)
-
-    def tls_accept_connection(self, listener: socket.socket
-                              ) -> Tuple[socket.socket, _Address]:
-        """The accept_connection hook when serving TLS: accept, wrap, no handshake.
-
-        The handshake would hold up the accept loop, so it is left to
-        tls_get_addresses(), in the connection's own thread.
-        """
-        conn, peer = self._tcp_accept(listener)
-        try:
-            conn = self.ssl_context.wrap_socket(
-                conn, server_side=True, do_handshake_on_connect=False)
-        except BaseException:
-            conn.close()
-            raise
-        return conn, peer
-
-    def tls_get_addresses(self, conn: socket.socket
-                          ) -> Tuple[_Address, _Address]:
-        """The get_addresses hook when serving TLS: the handshake, then the addresses.
-
-        Runs in the connection's own thread.  A client that stays silent,
-        speaks plaintext or offers what the context refuses raises OSError
-        (ssl.SSLError, or IdleTimeout-like socket.timeout after
-        handshake_timeout seconds): the server closes it with one
-        diagnostic line.
-        """
-        conn.settimeout(self.handshake_timeout)
-        conn.do_handshake()
-        conn.settimeout(None)
-        return self._tcp_addresses(conn)
 
     @classmethod
     def from_listener(cls, listener: socket.socket, RequestHandlerClass: Any,
@@ -1328,6 +1761,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         server.server_address = listener.getsockname()
         return server
 
+    # -- serving, in the caller's thread ------------------------------------
+
     def __call__(self, debug: Union[bool, str] = False,
                  poll_interval: float = 0.5,
                  workers: Optional[int] = None) -> None:
@@ -1338,10 +1773,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         in N processes instead, until SIGTERM or SIGINT (serve_workers()).
         Raises TypeError or ValueError for another debug or workers value.
         """
-        if not isinstance(debug, (bool, str)) or debug == "":
-            error = ValueError if debug == "" else TypeError
-            raise error("debug must be a bool or a non-empty str, not %r"
-                        % (debug,))
+        _check_debug("debug", debug)
         self.debug = debug
         if workers is not None:
             self.serve_workers(workers, poll_interval)
@@ -1349,104 +1781,158 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self.log("waiting for requests...", logging.INFO)
         self.serve_forever(poll_interval)
 
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until shutdown(), as socketserver does.  May be extended.
+
+        Checks the settings first (check_settings()).  With a ThunkHandler,
+        sys.stdin and sys.stdout are per-thread while it runs: each thunk
+        sees its connection, every other thread the streams it had.  The
+        loop wakes each poll_interval for service_actions(), and at once
+        when shutdown() is called, even while every slot is busy.
+        """
+        self.check_settings()
+        self._loop_done.clear()
+        self._poll_interval = poll_interval
+        try:
+            if _runs_thunks(self.RequestHandlerClass):
+                with _switch:
+                    self._accept_loop(poll_interval)
+            else:
+                self._accept_loop(poll_interval)
+        finally:
+            self._stop.clear()
+            self._poll_interval = None
+            self._loop_done.set()
+
+    def _accept_loop(self, poll_interval: float) -> None:
+        """socketserver's serve_forever() loop, plus a socket shutdown()
+        writes to, so that the loop ends at once."""
+        woken, wake = socket.socketpair()
+        with self._slots.lock:
+            self._wake = wake
+        try:
+            with woken, selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(woken, selectors.EVENT_READ)
+                while not self._stop.is_set():
+                    ready = selector.select(poll_interval)
+                    if self._stop.is_set():
+                        break
+                    if any(key.fileobj is self for key, _ in ready):
+                        self._handle_request_noblock()
+                    self.service_actions()
+        finally:
+            with self._slots.lock:
+                self._wake = None
+            wake.close()
+
+    @property
+    def serving(self) -> bool:
+        """True while serve_forever() runs."""
+        return self._poll_interval is not None
+
+    def shutdown(self) -> None:
+        """Stop the serve_forever() loop and wait until it has stopped.
+
+        Returns at once, even while every slot is taken and clients wait.
+        Must be called from another thread than serve_forever()'s, or it
+        deadlocks, as socketserver's.  Requests still running carry on;
+        server_close() drains them.
+        """
+        self._stop.set()
+        with self._slots.lock:
+            self._slots.stopping = True
+            self._slots.freed.notify_all()
+            if self._wake is not None:
+                self._wake.send(b"\0")
+        self._loop_done.wait()
+        with self._slots.lock:
+            self._slots.stopping = False
+
+    def serve_until_signalled(self, poll_interval: float = 0.5, *,
+                              ready: Optional[Callable[[], None]] = None,
+                              patience: float = 0.0) -> None:
+        """Serve until SIGTERM or SIGINT, then drain with server_close().
+
+        ready(), if given, is called once the signal handlers are in place:
+        the place to say the server is up, as a signal sent from then on is
+        handled.  A second signal (patience seconds or more after the first:
+        a stop sent to a whole process group may come twice) stops at once:
+        stop_now(), then the process exits 0 whatever its threads are doing.
+        So does the end of the drain if request threads outlived it (a
+        thunk that never returns), rather than hang at interpreter exit.
+        Main thread only, as signal handlers are; the previous handlers
+        come back.
+        """
+        first_at: List[float] = []  # when the first signal came
+
+        def first(signum: int, frame: Any) -> None:
+            first_at.append(time.monotonic())
+            for number in _STOP_SIGNALS:
+                signal.signal(number, second)
+            # shutdown() waits for serve_forever(), so not from its thread.
+            threading.Thread(target=self.shutdown, name="signal").start()
+
+        def second(signum: int, frame: Any) -> None:
+            if time.monotonic() - first_at[0] < patience:
+                return  # the same stop, told twice
+            self.log("a second signal: stopping at once", logging.WARNING)
+            self.stop_now()
+            _exit_now(0)
+
+        previous = {number: signal.signal(number, first)
+                    for number in _STOP_SIGNALS}
+        try:
+            if ready is not None:
+                ready()
+            self.serve_forever(poll_interval)
+            self.server_close()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        left = [thread.name for thread in self._request_threads.alive()]
+        if left:
+            self.log("exiting while %s still run" % ", ".join(left),
+                     logging.WARNING)
+            self.stop_now()
+            _exit_now(0)
+
+    def stop_now(self) -> None:
+        """End what must not outlive the process when it exits at once.
+
+        Called by serve_until_signalled() before it ends the process on a
+        second signal, or after a drain that threads outlived.  Nothing
+        here; the command line ends its PROGRAMs.  May be overridden.
+        """
+
     def serve_workers(self, workers: int, poll_interval: float = 0.5, *,
                       ready: Optional[Callable[[], None]] = None) -> None:
         """Serve in worker processes that share the listening socket (POSIX).
 
-        Forks workers processes; each serves as serve_forever() does, with
-        its own threads and its own max_requests, until SIGTERM or SIGINT,
-        then drains (server_close()) and exits 0.  This process supervises:
-        a worker that dies is replaced; SIGTERM or SIGINT is passed on to
-        every worker (a second one, half a second or more after the first,
-        makes them stop at once), and this returns once all have ended.
-        ready(), if given, is called once, in this process, as soon as the
-        signal handlers are in place and before any worker starts: the place
-        to say the server is up, as a signal sent from then on is handled.
-        Call it from the main thread, before this process starts threads or
-        child processes of its own (fork copies only the caller's thread,
-        and the supervisor reaps any child), then call server_close() here
-        as usual.
+        Forks workers processes; each serves as serve_until_signalled()
+        does, with its own threads and its own max_requests: until SIGTERM
+        or SIGINT, then it drains (server_close()) and exits 0.  This
+        process supervises: a worker that dies is replaced (after a growing
+        pause if they keep dying at once); SIGTERM or SIGINT is passed on
+        to every worker (a second one, half a second or more after the
+        first, makes them stop at once), and this returns once all have
+        ended.  ready(), if given, is called once, in this process, as soon
+        as the signal handlers are in place and before any worker starts:
+        the place to say the server is up, as a signal sent from then on is
+        handled.  Call it from the main thread, before this process starts
+        threads or child processes of its own (fork copies only the
+        caller's thread, and the supervisor reaps any child), then call
+        server_close() here as usual.  Raises NotImplementedError where
+        there is no fork() (Windows).
         """
         _check_int("workers", workers, 1, 1024, "an int in 1..1024")
         if not _POSIX:
             raise NotImplementedError("worker processes need fork(), which "
                                       "this system lacks: serve in one process")
-        running: Dict[int, float] = {}  # pid -> when it started
-        stopping = []  # the signals received, to pass on
-        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        self.check_settings()
+        _WorkerProcesses(self, workers, poll_interval).run(ready)
 
-        def pass_on(signum: int, frame: Any) -> None:
-            stopping.append(signum)
-            _stop_processes(list(running))
-
-        previous = {number: signal.signal(number, pass_on)
-                    for number in stop_signals}
-        # Blocking accept() in a worker that lost the race for a connection
-        # would keep it from noticing shutdown().
-        blocking = self.socket.getblocking()
-        self.socket.setblocking(False)
-        try:
-            if ready is not None:
-                ready()
-            while running or not stopping:
-                # Blocked until the new pids are in running, for pass_on().
-                signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-                try:
-                    while not stopping and len(running) < workers:
-                        running[self._fork_worker(poll_interval)] = time.monotonic()
-                finally:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
-                if not running:
-                    break
-                pid, status = os.wait()
-                began = running.pop(pid, None)
-                if began is not None and not stopping:
-                    self.log("worker %d ended (wait status %d); starting another"
-                             % (pid, status), logging.WARNING)
-                    if time.monotonic() - began < 1.0:
-                        time.sleep(1.0)  # a worker that dies at once: no storm
-        finally:
-            self._end_workers(running)
-            self.socket.setblocking(blocking)
-            for number, handler in previous.items():
-                signal.signal(number, handler)
-
-    @staticmethod
-    def _end_workers(running: Dict[int, float]) -> None:
-        """After a failure in the supervisor: stop the workers, and reap them."""
-        _stop_processes(list(running))
-        for pid in running:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass  # reaped already
-
-    def _fork_worker(self, poll_interval: float) -> int:
-        """Start one worker process; return its pid.  The worker never returns.
-
-        Called with SIGTERM and SIGINT blocked: the worker unblocks them
-        once it has handlers of its own, as this process's would pass the
-        signal on to the worker's siblings.
-        """
-        pid = os.fork()
-        if pid:
-            return pid
-        stop_signals = {signal.SIGTERM, signal.SIGINT}
-        code = 1
-        try:
-            # The supervisor passes on a signal the worker may have had
-            # too (a stop of the whole process group): not a second one.
-            _serve_until_signalled(self, poll_interval, ready=lambda: (
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)),
-                patience=0.5)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            _exit_now(code)  # never run the parent's code, or its atexit
-
-    def _exit_now_hook(self) -> None:
-        """What must not outlive the process when it stops at once: nothing here."""
+    # -- diagnostics, from any thread ---------------------------------------
 
     def _verbose(self, level: int) -> bool:
         """Return True if log() at level shows anywhere: worth formatting for."""
@@ -1471,47 +1957,51 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             # Unconfigured, logging would print a WARNING on stderr again.
             logger.log(level, "%s", message)
 
-    # -- the accept thread: serve_forever() or handle_request() ---------------
+    def stats(self) -> Dict[str, int]:
+        """Return a snapshot of the server's counters, safe from any thread.
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """Serve until shutdown(), as socketserver does.  May be extended.
-
-        With a ThunkHandler, sys.stdin and sys.stdout are per-thread while
-        it runs: each thunk sees its connection, every other thread the
-        streams it had.  While every slot is busy the loop still wakes each
-        poll_interval, for shutdown() and service_actions().
+        accepted: connections accepted; active: requests open now;
+        completed: requests whose handler returned; failed: requests ended
+        by an exception (error, client gone, timeout, failed TLS handshake);
+        refused: connections closed unserved (verify_request(),
+        max_per_client, no request thread could start before shutdown());
+        peak_active: most requests open at once.  accepted is the sum of
+        the last three and active.
         """
-        self._poll_interval = poll_interval
-        self._serving = True
-        try:
-            if _runs_thunks(self.RequestHandlerClass):
-                with _switch:
-                    super().serve_forever(poll_interval)
-            else:
-                super().serve_forever(poll_interval)
-        finally:
-            self._serving = False
-            self._poll_interval = None
+        return self._slots.stats()
 
-    @property
-    def serving(self) -> bool:
-        """True while serve_forever() runs."""
-        return self._serving
+    def local_address(self, request: socket.socket) -> Optional[_Address]:
+        """Return the local address of an open request's connection.
+
+        For any handler, from any thread, once the handler runs: as
+        get_addresses() gave it, or as the PROXY header did (the address
+        the client connected to at the balancer).  None for a connection
+        that is not an open request of this server.
+        """
+        with self._slots.lock:
+            opened = self._slots.open.get(request)
+            return None if opened is None else opened.local
+
+    # -- the accept thread: serve_forever() or handle_request() ---------------
 
     def get_request(self) -> Tuple[socket.socket, _Address]:
         """Take a free slot, then accept a connection through accept_connection().
 
         Called by serve_forever() and handle_request() in the accept thread
-        once select() reports a pending connection.  Raises OSError when no
-        slot frees within the poll interval or shutdown() ends the wait, so
-        serve_forever() can poll again, or when accepting fails: that is
-        logged once for a run of failures and, when descriptors or memory
-        ran out, followed by a growing back-off, so the loop neither dies
-        nor spins.  May be extended.
+        once select() reports a pending connection.  With ssl_context set,
+        the connection is wrapped in TLS (its handshake is left to its own
+        thread).  Raises OSError when no slot frees within the poll
+        interval or shutdown() ends the wait, so serve_forever() can poll
+        again, or when accepting fails: that is logged once for a run of
+        failures and, when descriptors or memory ran out, followed by a
+        growing back-off, so the loop neither dies nor spins.  May be
+        extended.
         """
-        self._take_slot()
+        self._slots.take(self.max_requests, self._poll_interval, self.log)
         try:
             request, client_address = self.accept_connection(self.socket)
+            if self.ssl_context is not None:
+                request = self._wrap_tls(request)
         except OSError as exc:
             self._accept_failed(exc)
             raise
@@ -1520,6 +2010,28 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                      % self._accept_errors, logging.WARNING)
             self._accept_errors = 0
         return request, client_address
+
+    def _wrap_tls(self, conn: socket.socket) -> socket.socket:
+        """Wrap conn in ssl_context, leaving the handshake to conn's thread:
+        there a slow client holds up nobody."""
+        try:
+            tls: socket.socket = self.ssl_context.wrap_socket(
+                conn, server_side=True, do_handshake_on_connect=False)
+        except BaseException:
+            conn.close()
+            raise
+        return tls
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Log the first of a run of accept errors; back off if resources ran out."""
+        if exc.errno in _TRANSIENT_ERRNOS:
+            self.log("accept: %s" % (exc,))  # the client left first: no matter
+            return
+        self._accept_errors += 1
+        if self._accept_errors == 1:
+            self.log("accept failed: %s" % (exc,), logging.WARNING)
+        if exc.errno in _RESOURCE_ERRNOS:
+            self._slots.wait(min(1.0, 0.01 * 2 ** (self._accept_errors - 1)))
 
     def _handle_request_noblock(self) -> None:
         """Accept and dispatch one connection, as socketserver does.
@@ -1544,45 +2056,6 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self.shutdown_request(request)
             raise
 
-    def _take_slot(self) -> None:
-        """Hold a slot for the next connection; raise OSError if none frees."""
-        limit = self.max_requests
-        with self._lock:
-            if self._pending:
-                return  # still held: the last accept failed
-            if (limit is None or self._taken < limit) and not self._full:
-                self._taken += 1
-                self._pending = True
-                return
-            became_full = not self._full
-            self._full = True
-        if became_full:
-            self.log("all %d request slots busy; new clients wait" % limit,
-                     logging.INFO)
-        with self._lock:
-            self._slots.wait_for(
-                lambda: self._stopping or self._taken < limit,
-                self._poll_interval)
-            if self._stopping or self._taken >= limit:
-                raise OSError("no request slot is free")
-            self._taken += 1
-            self._pending = True
-            self._full = False
-        self.log("a request slot is free; accepting again", logging.INFO)
-
-    def _accept_failed(self, exc: OSError) -> None:
-        """Log the first of a run of accept errors; back off if resources ran out."""
-        if exc.errno in _TRANSIENT_ERRNOS:
-            self.log("accept: %s" % (exc,))  # the client left first: no matter
-            return
-        self._accept_errors += 1
-        if self._accept_errors == 1:
-            self.log("accept failed: %s" % (exc,), logging.WARNING)
-        if exc.errno in _RESOURCE_ERRNOS:
-            delay = min(1.0, 0.01 * 2 ** (self._accept_errors - 1))
-            with self._lock:
-                self._slots.wait_for(lambda: self._stopping, delay)
-
     def process_request(self, request: socket.socket,
                         client_address: _Address) -> None:
         """Have a request thread run process_request_thread().  May be extended.
@@ -1597,140 +2070,41 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         true, and is joined by server_close() if block_on_close is true.
         """
         host = None if self.proxy_protocol else _host(client_address)
-        with self._lock:
-            refused = not self._count_in(host)
+        slots = self._slots
+        with slots.lock:
+            refused = not slots.count_in(host, self.max_per_client)
             if not refused:
-                self._counts["accepted"] += 1
-                self._pending = False
-                self._dispatched += 1
-                number = self._dispatched
-                self._open[request] = (number, host)
-                self._counts["peak_active"] = max(self._counts["peak_active"],
-                                                  len(self._open))
-                worker = self._spare.pop() if self._spare else None
+                number = slots.open_request(request, host, _is_tls(request))
+                spare = self._request_threads.take_spare()
         if refused:
             self.log("refused %s: %d connections from it already"
                      % (host, self.max_per_client), logging.INFO)
             self.close_request(request)
             return
         job = (request, client_address, "tcpserver-%d" % number)
-        if worker is not None:
-            worker.job = job
-            worker.wake.release()
-        elif not self._start_worker(job):
+        if spare is not None:
+            spare.hand(job)
+        elif not self._request_threads.start(job):
             self.log("refused %s: no request thread could start before the "
                      "server stopped" % (_host(client_address),), logging.INFO)
-            with self._lock:
-                self._counts["refused"] += 1
+            with slots.lock:
+                slots.counts["refused"] += 1
             self.close_request(request)
 
-    def _count_in(self, host: Optional[str]) -> bool:
-        """Count one more connection from host (None: not known yet), unless
-        it has max_per_client already; return False then.  Lock held."""
-        if host is None:
-            return True
-        opened = self._per_client.get(host, 0)
-        if self.max_per_client is not None and opened >= self.max_per_client:
-            return False
-        self._per_client[host] = opened + 1
-        return True
-
-    def _start_worker(self, job: Tuple[socket.socket, _Address, str]) -> bool:
-        """Start a request thread for job; it stays on as a spare afterwards.
-
-        When no thread can start (RuntimeError: the process or its user is
-        out of threads, RLIMIT_NPROC), the accept thread waits, backing off
-        as for EMFILE, while other clients wait in the listen queue; a
-        thread that turns spare meanwhile takes job.  Logged once when
-        threads begin to fail, and once more when _STARTS_TO_RECOVER in a
-        row have started at once (threads free up between failures, so
-        failures and successes alternate until the pressure ends).
-        Returns False, job unserved, if shutdown() comes first.
-        """
-        failures = 0  # for this job
-        while True:
-            worker = _Worker(job)
-            worker.thread = threading.Thread(target=self._work, args=(worker,),
-                                             name=job[2],
-                                             daemon=self.daemon_threads)
-            with self._lock:
-                self._workers.add(worker)
-            try:
-                worker.thread.start()
-                break
-            except RuntimeError as exc:
-                with self._lock:
-                    self._workers.discard(worker)
-                failures += 1
-                if not self._start_failures:
-                    self.log("cannot start a request thread (%s); new clients "
-                             "wait" % (exc,), logging.WARNING)
-                self._start_failures += 1
-                self._good_starts = 0
-            spare, stopping = self._wait_for_spare(failures)
-            if spare is not None:
-                spare.job = job
-                spare.wake.release()
-                break
-            if stopping:
-                return False
-        if not failures and self._start_failures:
-            self._good_starts += 1
-            if self._good_starts == _STARTS_TO_RECOVER:
-                self.log("request threads start again, after %d failures"
-                         % self._start_failures, logging.WARNING)
-                self._start_failures = 0
-        return True
-
-    def _wait_for_spare(self, failures: int
-                        ) -> Tuple[Optional["_Worker"], bool]:
-        """Back off after failures to start a thread; return a spare thread
-        if one came free meanwhile, and whether shutdown() is waiting."""
-        delay = min(1.0, 0.01 * 2 ** (failures - 1))
-        with self._lock:
-            self._slots.wait_for(lambda: self._stopping or self._spare, delay)
-            return (self._spare.pop() if self._spare else None), self._stopping
-
     # -- a request's own thread ---------------------------------------------
-
-    def _work(self, worker: "_Worker") -> None:
-        """Serve the worker's job, then each job it is handed while spare."""
-        try:
-            while worker.job is not None:
-                request, client_address, worker.thread.name = worker.job
-                worker.job = None
-                self.process_request_thread(request, client_address)
-                self._wait_for_job(worker)
-        finally:
-            with self._lock:
-                self._workers.discard(worker)
-
-    def _wait_for_job(self, worker: "_Worker") -> None:
-        """Wait as a spare thread until handed a job; leave worker.job None to end."""
-        with self._lock:
-            if self._closing or len(self._spare) >= self.max_spare_threads:
-                return
-            self._spare.append(worker)
-            self._slots.notify()  # for _wait_for_spare(), if it waits
-        if worker.wake.acquire(timeout=self.spare_thread_lifetime):
-            return
-        with self._lock:
-            if worker in self._spare:  # nobody took it in time: retire
-                self._spare.remove(worker)
-                return
-        worker.wake.acquire()  # process_request() took it: the job is coming
 
     def process_request_thread(self, request: socket.socket,
                                client_address: _Address) -> None:
         """Serve one connection in its own thread, then close it.
 
-        Calls get_addresses(), then finish_request() with the peer as
-        client_address.  (With proxy_protocol on, the peer is the client the
-        PROXY header names, and verify_request() and max_per_client judge it
-        here first: a refused one is closed, counted and logged.)  On
-        success the connection is shut down (FIN).  If
-        the client went away (client_gone()) or get_addresses() failed (a
-        TLS handshake, say), it is closed with one diagnostic line and no
+        Finds the connection's addresses (_addresses(): a PROXY header's,
+        the TLS handshake, get_addresses()), then calls finish_request()
+        with the peer as client_address.  (With proxy_protocol on, the peer
+        is the client the PROXY header names, and verify_request() and
+        max_per_client judge it here first: a refused one is closed,
+        counted and logged.)  On success the connection is shut down (FIN).
+        If the client went away (client_gone()) or the setup failed (a TLS
+        handshake, say), it is closed with one diagnostic line and no
         traceback.  Any other exception goes to handle_error() (if it is an
         Exception: SystemExit and the like are re-raised) and the
         connection is reset through abort_request().  The slot always
@@ -1742,16 +2116,11 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         started = False
         kind = outcome = "ok"
         try:
-            local, peer = self.get_addresses(request)
+            local, peer = self._addresses(request)
             refusal = self._refusal(request, peer) if self.proxy_protocol else None
             if refusal is None:
                 started = True
-                if self.idle_timeout is not None:
-                    request.settimeout(self.idle_timeout)
-                if verbose:
-                    self._log_start(request, peer)
-                _bound.local_address = local
-                self.finish_request(request, peer)
+                self._serve(request, local, peer, verbose)
             else:
                 kind, outcome = "refused", "refused: " + refusal
         except BaseException as exc:
@@ -1762,13 +2131,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             if kind == "error":
                 self.handle_error(request, peer)
         finally:
-            _bound.local_address = _bound.tls_error = None
-            with self._lock:
-                if request in self._drained:
-                    self._drained.discard(request)
-                    kind = "drained"
-                    outcome = "drained, reset by server_close()"
-                self._counts[_COUNTED_AS.get(kind, "failed")] += 1
+            _bound.tls_error = None
+            if self._slots.end(request, kind):
+                kind, outcome = "drained", "drained, reset by server_close()"
             if kind in _RESET_KINDS:
                 self.abort_request(request, peer)
             else:
@@ -1780,31 +2145,74 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                          % (threading.current_thread().name, who, outcome,
                             time.monotonic() - began))
 
+    def _addresses(self, request: socket.socket) -> Tuple[_Address, _Address]:
+        """Return the connection's (local, peer) addresses.
+
+        From a PROXY header first, if proxy_protocol is on and the peer is
+        one of the trusted_proxies (read within handshake_timeout; a
+        missing or bad one raises ProxyHeaderError), before any TLS
+        handshake, which comes next if get_request() wrapped the connection
+        (within handshake_timeout); then through get_addresses().  A
+        header's addresses win over the connection's own unless it carries
+        none (a LOCAL health check).  A peer outside trusted_proxies is
+        served as it is: its first bytes are not read as a header, so it
+        cannot claim another address.
+        """
+        header = None
+        if self.proxy_protocol and self._is_trusted(request.getpeername()):
+            header = read_proxy_header(request, self.handshake_timeout)
+            request.settimeout(None)
+        with self._slots.lock:
+            opened = self._slots.open.get(request)
+        if opened is not None and opened.tls:
+            request.settimeout(self.handshake_timeout)
+            request.do_handshake()  # type: ignore[attr-defined]
+            request.settimeout(None)
+        local, peer = self.get_addresses(request)
+        if header is not None:
+            local, peer = header
+        with self._slots.lock:
+            if opened is not None:
+                opened.local = local
+        return local, peer
+
+    def _is_trusted(self, peer: _Address) -> bool:
+        """Is peer (the balancer's address) allowed to send a PROXY header?"""
+        address = ipaddress.ip_address(_plain_address(peer)[0].split("%")[0])
+        return any(address in network for network in self._trusted)
+
     def _refusal(self, request: socket.socket, peer: _Address) -> Optional[str]:
         """Judge the client a PROXY header named: why verify_request() or
         max_per_client refuse it, or None once it is counted in."""
         if not self.verify_request(request, peer):
             return "by verify_request()"
         host = _host(peer)
-        with self._lock:
-            if self._count_in(host):
-                self._open[request] = (self._open[request][0], host)
+        slots = self._slots
+        with slots.lock:
+            if slots.count_in(host, self.max_per_client):
+                slots.open[request].host = host
                 return None
         return "%d connections from it already" % (self.max_per_client,)
 
-    def _log_start(self, request: socket.socket, peer: _Address) -> None:
-        with self._lock:
-            number = self._open.get(request, (0, ""))[0]
-            active = len(self._open)
-        self.log("request %d from %s; %s (of %d) started..."
-                 % (number, _host(peer), threading.current_thread().name,
-                    active))
+    def _serve(self, request: socket.socket, local: _Address, peer: _Address,
+               verbose: bool) -> None:
+        """Run the handler on an admitted connection (finish_request())."""
+        if self.idle_timeout is not None:
+            request.settimeout(self.idle_timeout)
+        if verbose:
+            with self._slots.lock:
+                opened = self._slots.open.get(request)
+                active = len(self._slots.open)
+            self.log("request %d from %s; %s (of %d) started..."
+                     % (0 if opened is None else opened.number, _host(peer),
+                        threading.current_thread().name, active))
+        self.finish_request(request, peer)
 
     def _failure_kind(self, request: socket.socket, exc: BaseException,
                       started: bool) -> str:
         """Name what ended a request: a kind of _RESET_KINDS, or "client gone", "setup failed"."""
-        with self._lock:
-            if request in self._drained:  # what failed is server_close()'s doing
+        with self._slots.lock:
+            if request in self._slots.drained:  # server_close()'s doing
                 return "drained"
         if exc is _bound.tls_error:
             return "TLS error"  # the client's records, not the handler's bug
@@ -1857,21 +2265,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         try:
             super().close_request(request)
         finally:
-            with self._lock:
-                opened = self._open.pop(request, None)
-                held = opened is not None or self._pending
-                if opened is not None and opened[1] is not None:
-                    host = opened[1]
-                    self._per_client[host] -= 1
-                    if not self._per_client[host]:
-                        del self._per_client[host]
-                elif self._pending:  # refused before it became a request
-                    self._pending = False
-                    self._counts["accepted"] += 1
-                    self._counts["refused"] += 1
-                if held:
-                    self._taken -= 1
-                    self._slots.notify()
+            self._slots.close_request(request)
 
     def shutdown_request(self, request: socket.socket) -> None:
         """Close one connection in order: TLS close_notify if any, then FIN.  May be extended.
@@ -1882,78 +2276,37 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         if _is_tls(request):
             try:
                 request.settimeout(0)
-                request.unwrap()
+                request.unwrap()  # type: ignore[attr-defined]
             except (OSError, ValueError):
                 pass  # SSLWantReadError once close_notify is out; or no TLS
         super().shutdown_request(request)
 
-    def stats(self) -> Dict[str, int]:
-        """Return a snapshot of the server's counters, safe from any thread.
-
-        accepted: connections accepted; active: requests open now;
-        completed: requests whose handler returned; failed: requests ended
-        by an exception (error, client gone, timeout, failed TLS handshake);
-        refused: connections closed unserved (verify_request(),
-        max_per_client, no request thread could start before shutdown());
-        peak_active: most requests open at once.  accepted is the sum of
-        the last three and active.
-        """
-        with self._lock:
-            counts = dict(self._counts)
-            counts["active"] = len(self._open)
-        return counts
-
-    # -- the caller's thread ------------------------------------------------
-
-    def shutdown(self) -> None:
-        """Stop the serve_forever() loop and wait until it has stopped.
-
-        Returns promptly even while every slot is taken and clients wait.
-        Must be called from another thread than serve_forever()'s, or it
-        deadlocks.  Requests still running carry on; server_close() drains
-        them.
-        """
-        with self._lock:
-            self._stopping = True
-            self._slots.notify_all()
-        try:
-            super().shutdown()
-        finally:
-            with self._lock:
-                self._stopping = False
+    # -- the caller's thread, at the end ------------------------------------
 
     def server_close(self) -> None:
         """Close the listening socket, then drain the requests still running.
 
         They get drain_timeout seconds to finish; then their connections
         are reset (prepare_hard_close() and a shutdown that ends blocked
-        reads) and every request thread is joined, so a thunk blocked on
-        input() cannot make this hang.  With drain_timeout None it waits as
-        long as they run, as socketserver does; with block_on_close false
-        it does not wait at all.
+        reads, and after reset_grace seconds one that ends blocked writes)
+        and every request thread is joined, so a thunk blocked on input()
+        cannot make this hang.  With drain_timeout None it waits as long as
+        they run, as socketserver does; with block_on_close false it does
+        not wait at all.
         """
         super().server_close()
-        with self._lock:
-            self._closing = True
-            spare, self._spare = self._spare, []
-            workers = list(self._workers)
-        for worker in spare:
-            worker.wake.release()  # with no job: the thread ends
-        if not self.block_on_close:
+        threads = self._request_threads.close()
+        if not self.block_on_close or _join(threads, self.drain_timeout):
             return
-        threads = [worker.thread for worker in workers
-                   if not worker.thread.daemon]
-        if _join(threads, self.drain_timeout):
-            return
-        with self._lock:
-            running = len(self._open)
+        with self._slots.lock:
+            running = len(self._slots.open)
         self.log("resetting %d requests still running after the %s s drain"
                  % (running, self.drain_timeout), logging.WARNING)
         # SHUT_RD wakes blocked reads without sending FIN, so the client sees
         # only the reset; SHUT_RDWR then wakes writes blocked on the client.
         for how in (socket.SHUT_RD, socket.SHUT_RDWR):
             self._reset_open_requests(how)
-            if _join(threads, _RESET_GRACE):
+            if _join(threads, self.reset_grace):
                 return
         self.log("request threads still running after their reset: %s"
                  % ", ".join(t.name for t in threads if t.is_alive()),
@@ -1961,10 +2314,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
     def _reset_open_requests(self, how: int) -> None:
         """Mark open requests for a reset and shut their sockets down (how)."""
-        with self._lock:
-            requests = list(self._open)
-            self._drained.update(requests)
-        for request in requests:
+        for request in self._slots.drain():
             try:
                 self.prepare_hard_close(request)
                 # shutdown() wakes a thread blocked on the socket; close()
@@ -1972,120 +2322,6 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 socket.socket.shutdown(request, how)
             except OSError:
                 pass  # closed meanwhile
-
-
-def _serve_until_signalled(server: ThreadingTCPServer,
-                           poll_interval: float = 0.5,
-                           ready: Optional[Callable[[], None]] = None,
-                           patience: float = 0.0) -> None:
-    """Serve until SIGTERM or SIGINT, then drain with server_close().
-
-    ready() is called once the signal handlers are in place.  A second
-    signal (one that comes patience seconds or more after the first)
-    stops at once: server._exit_now_hook(), then the process exits 0
-    whatever its threads are doing.  So does the end of the drain if
-    request threads outlived it (a thunk that never returns), rather than
-    hang at interpreter exit.  Main thread only, as signal handlers are;
-    the previous handlers come back.
-    """
-    stop_signals = (signal.SIGTERM, signal.SIGINT)
-    first_at = []  # when the first signal came
-
-    def first(signum: int, frame: Any) -> None:
-        first_at.append(time.monotonic())
-        for number in stop_signals:
-            signal.signal(number, second)
-        # shutdown() waits for serve_forever(), so not from its thread.
-        threading.Thread(target=server.shutdown, name="signal").start()
-
-    def second(signum: int, frame: Any) -> None:
-        if time.monotonic() - first_at[0] < patience:
-            return  # the same stop, told twice
-        server.log("a second signal: stopping at once", logging.WARNING)
-        server._exit_now_hook()
-        _exit_now(0)
-
-    previous = {number: signal.signal(number, first) for number in stop_signals}
-    try:
-        if ready is not None:
-            ready()
-        server.serve_forever(poll_interval)
-        server.server_close()
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    left = [worker.thread.name for worker in list(server._workers)
-            if worker.thread.is_alive()]
-    if left:
-        server.log("exiting while %s still run" % ", ".join(left),
-                   logging.WARNING)
-        _exit_now(0)
-
-
-def _stop_processes(pids: List[int]) -> None:
-    """Send SIGTERM to each process of pids that still exists."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass  # it ended; its parent reaps it
-
-
-def _exit_now(code: int) -> None:
-    """End the process now, with what was written flushed, threads or not."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass  # no stream, or a closed one: nothing to flush
-    os._exit(code)
-
-
-class _Worker:
-    """A request thread, and how to hand it its next job while it is spare.
-
-    job is (request, client_address, thread name) or None; wake is a lock
-    held while the thread waits, released to give it a job (or the end).
-    """
-
-    __slots__ = ("thread", "job", "wake")
-
-    def __init__(self, job: Tuple[socket.socket, _Address, str]) -> None:
-        self.thread: Any = None
-        self.job: Optional[Tuple[socket.socket, _Address, str]] = job
-        self.wake = threading.Lock()
-        self.wake.acquire()
-
-
-def _join(threads: List[threading.Thread], timeout: Optional[float]) -> bool:
-    """Join threads within timeout seconds in all (None: wait); True if all ended."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    for thread in threads:
-        thread.join(None if deadline is None
-                    else max(0.0, deadline - time.monotonic()))
-    return not any(thread.is_alive() for thread in threads)
-
-
-def _runs_thunks(handler_class: Any) -> bool:
-    """Return True if handler_class is a ThunkHandler (it may be a partial)."""
-    return isinstance(handler_class, type) and issubclass(handler_class,
-                                                          ThunkHandler)
-
-
-def _describe(exc: BaseException) -> str:
-    """Return "Type: message" for a diagnostic line, whatever exc's __str__ does."""
-    try:
-        message = str(exc)
-    except Exception:  # a broken __str__ must not hide the failure
-        message = "<exception str() failed>"
-    return "%s: %s" % (type(exc).__name__, message)
-
-
-def _host(address: _Address) -> str:
-    """Return the host part of an address for a diagnostic line."""
-    if isinstance(address, tuple) and address:
-        return str(address[0])
-    return str(address)
 
 
 # ---------------------------------------------------------------------------
@@ -2096,35 +2332,25 @@ _Listener = Union[socket.socket, int, Tuple[str, int]]
 
 
 def make_tcp_server(listener: _Listener, thunk: _Thunk,
-                    max_requests: Optional[int] = DEFAULT_MAX_REQUESTS, *,
-                    max_per_client: Optional[int] = None,
-                    timeout: Optional[float] = None,
-                    drain_timeout: Optional[float] = DEFAULT_DRAIN_TIMEOUT,
-                    max_line: Optional[int] = DEFAULT_MAX_LINE,
-                    ssl_context: Any = None, proxy_protocol: bool = False,
-                    trusted_proxies: Any = ThreadingTCPServer.trusted_proxies
-                    ) -> ThreadingTCPServer:
+                    max_requests: Optional[int] = DEFAULT_MAX_REQUESTS,
+                    **settings: Any) -> ThreadingTCPServer:
     """Return a server that runs thunk for every connection: the egg's make-tcp-server.
 
     listener is a listening socket (from tcp_listen(),
     socket.create_server() or a parent process), a port number (all
     interfaces, as tcp_listen(port)) or a (host, port) tuple.  The server
     owns the socket.  At most max_requests thunks run at once (None: no
-    limit).  The keyword-only settings are those of ThreadingTCPServer:
-    max_per_client, timeout (idle, per connection), drain_timeout,
-    max_line, ssl_context (serve TLS), proxy_protocol and trusted_proxies
-    (read the client's address from a balancer).  Call the server to serve:
-    ``server(debug=False)``; stop it with server.shutdown() from another
-    thread and release it with server_close() (or a with block).
+    limit).  The other settings are keyword-only, those of
+    ThreadingTCPServer's constructor: max_per_client, timeout (idle, per
+    connection), drain_timeout, max_line, ssl_context (serve TLS),
+    proxy_protocol and trusted_proxies (read the client's address from a
+    balancer), and the rest its docstring lists.  Call the server to
+    serve: ``server(debug=False)``; stop it with server.shutdown() from
+    another thread and release it with server_close() (or a with block).
 
     Raises TypeError or ValueError for bad arguments, OSError if a port
     cannot be bound.
     """
-    if not callable(thunk):
-        raise TypeError("thunk must be callable, not %s"
-                        % type(thunk).__name__)
-    if max_requests is not None:
-        _check_max_requests(max_requests)
     if isinstance(listener, socket.socket):
         sock = listener
     elif isinstance(listener, int) and not isinstance(listener, bool):
@@ -2138,10 +2364,7 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
     try:
         return ThreadingTCPServer.from_listener(
             sock, ThunkHandler, thunk=thunk, max_requests=max_requests,
-            max_per_client=max_per_client, timeout=timeout,
-            drain_timeout=drain_timeout, max_line=max_line,
-            ssl_context=ssl_context, proxy_protocol=proxy_protocol,
-            trusted_proxies=trusted_proxies)
+            **settings)
     except BaseException:
         if sock is not listener:
             sock.close()  # ours: a bad setting must not leak it
@@ -2672,11 +2895,16 @@ class _CommandServer(ThreadingTCPServer):
                 killer.join()
             self.end_programs()
 
-    def _exit_now_hook(self) -> None:
-        """SIGKILL every PROGRAM's process group, at once: we are exiting."""
-        groups = [child.pid for child in list(self._children)]
-        for group in groups + list(self._left):
+    def stop_now(self) -> None:
+        """SIGKILL every PROGRAM's process group, at once, and reap the
+        PROGRAMs: we are exiting, and nothing of ours may linger."""
+        with self._log_lock:
+            children = list(self._children)
+            groups = [child.pid for child in children] + list(self._left)
+        for group in groups:
             _signal_group(group, signal.SIGKILL)
+        for child in children:
+            child.wait()
 
     def end_programs(self) -> None:
         """End the process group of every PROGRAM still running, and those
@@ -2710,7 +2938,8 @@ class _CommandConnection:
         self.number = server.begin()  # a PROGRAM's pid replaces it
         self.status = _EXIT_USAGE << 8  # what ucspi-tcp's denying child exits with
         try:
-            admitted = server.admit(self.request, _bound.local_address,
+            admitted = server.admit(self.request,
+                                    server.local_address(self.request),
                                     self.client_address, self.number)
             if admitted is not None:
                 self.serve(*admitted)
@@ -3157,7 +3386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         server.serve_workers(options.workers, ready=ready)
         server.server_close()
     else:
-        _serve_until_signalled(server, ready=ready)
+        server.serve_until_signalled(ready=ready)
     return 0
 
 

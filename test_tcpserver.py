@@ -1097,6 +1097,51 @@ class TestLimit(ServerTestCase):
             with self.assertRaisesRegex(ValueError, "listener must be listening"):
                 tcpserver.make_tcp_server(unbound, print)
 
+    def test_settings_changed_on_the_instance_take_effect_when_serving_starts(self):
+        server = tcpserver.make_tcp_server(
+            ("127.0.0.1", 0), lambda: print(tcpserver.current_connection().client_address[0]))
+        server.proxy_protocol = True
+        server.trusted_proxies = ["127.0.0.0/8"]
+        server.max_per_client = 1
+        self.serve(server)
+        reply = self.talk(server, b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 6504\r\n")
+        self.assertEqual(reply, b"203.0.113.7\n")
+
+    def test_a_bad_setting_fails_before_any_connection(self):
+        cases = [("max_requests", -5, ValueError, "max_requests must be a positive int or None"),
+                 ("max_spare_threads", -1, ValueError, "max_spare_threads must be an int >= 0"),
+                 ("spare_thread_lifetime", 0, ValueError, "spare_thread_lifetime must be a number"),
+                 ("reset_grace", None, TypeError, "reset_grace must be a number of seconds > 0"),
+                 ("proxy_protocol", "yes", TypeError, "proxy_protocol must be True or False"),
+                 ("trusted_proxies", ["10.0.0.0/33"], ValueError, "trusted_proxies: "),
+                 ("thunk", None, TypeError, "thunk must be callable when RequestHandlerClass")]
+        for name, value, error, text in cases:
+            with self.subTest(name=name), \
+                    tcpserver.make_tcp_server(("127.0.0.1", 0), print) as server:
+                setattr(server, name, value)
+                watchdog = threading.Timer(TIMEOUT, server.shutdown)  # if it served
+                watchdog.start()
+                try:
+                    with self.assertRaises(error) as caught:
+                        server(poll_interval=0.01)
+                finally:
+                    watchdog.cancel()
+                    watchdog.join()
+                self.assertIn(text, str(caught.exception))
+                self.assertFalse(server.serving)
+                with self.assertRaises(error):  # as a keyword too
+                    tcpserver.make_tcp_server(("127.0.0.1", 0), print, **{name: value})
+
+    def test_every_setting_is_a_keyword(self):
+        settings = {"max_per_client": 3, "timeout": 4.5, "drain_timeout": 0, "reset_grace": 0.5,
+                    "max_line": 80, "handshake_timeout": 2, "max_spare_threads": 0,
+                    "spare_thread_lifetime": 5, "proxy_protocol": True,
+                    "trusted_proxies": ["10.0.0.0/8"], "debug": "name"}
+        with tcpserver.make_tcp_server(("127.0.0.1", 0), print, 7, **settings) as server:
+            settings["idle_timeout"] = settings.pop("timeout")
+            self.assertEqual({name: getattr(server, name) for name in settings}, settings)
+            self.assertEqual(server.max_requests, 7)
+
     def test_server_class_arguments(self):
         with self.assertRaisesRegex(TypeError, "thunk must be callable when RequestHandlerClass "
                                                "is a ThunkHandler, not None"):
@@ -1384,18 +1429,31 @@ class TestTLS(ServerTestCase):
             sock.close()
             raise
 
-    def test_ssl_context_serves_tls_through_the_hooks(self):
+    def test_ssl_context_serves_tls_around_the_hooks(self):
+        calls = []
+
+        class Recording(tcpserver.ThreadingTCPServer):
+            def accept_connection(self, listener):
+                calls.append("accept")
+                return tcpserver.tcp_accept(listener)
+
+            def get_addresses(self, conn):
+                calls.append("addresses after the handshake: %s" % conn.version())
+                return tcpserver.tcp_addresses(conn)
+
         def thunk():
             print("hello", input(), tcpserver.current_connection().connection.version())
 
-        server = self.start_tls(thunk)
-        self.assertEqual(server.accept_connection, server.tls_accept_connection)
-        self.assertEqual(server.get_addresses, server.tls_get_addresses)
+        server = Recording(("127.0.0.1", 0), tcpserver.ThunkHandler, thunk=thunk)
+        server.ssl_context = self.server_context()  # on the instance, after construction
+        self.serve(server)
         with self.tls_connect(server) as sock:
             sock.sendall(b"tls\n")
             self.assertRegex(read_all(sock), rb"^hello tls TLSv1\.[23]\n$")
         self.stop(server)
         self.assertEqual(server.stats()["completed"], 1)
+        self.assertEqual(calls[0], "accept")
+        self.assertRegex(calls[1], r"^addresses after the handshake: TLSv1\.[23]$")
 
     def test_xmlrpc_over_tls_with_a_class_attribute(self):
         class SecureXMLRPCServer(xmlrpc.server.SimpleXMLRPCServer, tcpserver.ThreadingTCPServer):
