@@ -84,7 +84,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Set, Tuple, Type, TypeVar, Union
 
 #: Listen queue length of tcp_listen() and ThreadingTCPServer: as long as
 #: the OS allows, so clients waiting for a slot are queued, not refused.
@@ -544,7 +544,8 @@ class _ThreadStream(threading.local):
             stream.flush()
 
     def readline(self, size: int = -1) -> str:
-        return self._current().readline(size)
+        line: str = self._current().readline(size)
+        return line
 
     buffer = _Forward()
     close = _Forward()
@@ -574,7 +575,8 @@ class _ThreadStream(threading.local):
         return iter(self._current())
 
     def __next__(self) -> str:
-        return next(self._current())
+        line: str = next(self._current())
+        return line
 
     def __enter__(self) -> Any:
         return self._current().__enter__()
@@ -627,10 +629,12 @@ class _StreamSwitch:
 
         Only while a reference is held; unbind() before giving it back.
         """
+        assert self._stdout is not None, "bind() outside the switch's with"
         self._stdout.bind(stdout)
 
     def unbind(self) -> None:
         """Undo bind() for the calling thread."""
+        assert self._stdout is not None, "unbind() outside the switch's with"
         self._stdout.unbind()
 
 
@@ -811,7 +815,7 @@ class _TLSWriter(_SocketWriter):
 
 
 def _raw_reader(sock: socket.socket, output: io.TextIOBase,
-                timeout: Optional[float]) -> io.RawIOBase:
+                timeout: Optional[float]) -> _SocketReader:
     """Return an unbuffered binary reader on sock, whose timeout is timeout."""
     if _is_tls(sock):
         return _TLSReader(sock, output, timeout)
@@ -846,8 +850,9 @@ class _CappedLines:
 
     max_line: Optional[int] = None
 
-    def readline(self, size: int = -1) -> Any:
+    def readline(self, size: Optional[int] = -1) -> Any:
         limit = self.max_line
+        size = -1 if size is None else size
         if limit is None or 0 <= size <= limit:
             return super().readline(size)  # type: ignore[misc]
         line = super().readline(limit + 1)  # type: ignore[misc]
@@ -878,6 +883,10 @@ class _LineEnds(io.BufferedIOBase):
 
     def readable(self) -> bool:
         return True
+
+    @property
+    def name(self) -> Any:
+        return self._stream.name
 
     def read1(self, size: int = -1) -> bytes:
         data = self._stream.read1(size)
@@ -930,7 +939,7 @@ class _TextReader(_CappedLines, io.TextIOWrapper):
             super().__init__(binary, encoding=encoding, errors=errors)
 
     @property
-    def buffer(self) -> io.BufferedReader:  # type: ignore[override]
+    def buffer(self) -> io.BufferedReader:
         return self._binary
 
 
@@ -983,6 +992,8 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     wbufsize = io.DEFAULT_BUFFER_SIZE
     disable_nagle_algorithm = True
 
+    server: "ThreadingTCPServer"  # the handler runs thunks of ours only
+
     def setup(self) -> None:
         """Make rfile, wfile and the text streams stdin, stdout on the connection."""
         self.connection = self.request
@@ -1003,25 +1014,29 @@ class ThunkHandler(socketserver.StreamRequestHandler):
                                        errors=self.encode_errors,
                                        newline=self.newline,
                                        line_buffering=self.line_buffering)
-        self._rfile = self._stdin = None  # made on first use: many never read
+        # Made on first use: many thunks never read.
+        self._rfile: Optional[_BinaryReader] = None
+        self._stdin: Optional[_TextReader] = None
 
     @property
     def rfile(self) -> io.BufferedReader:  # type: ignore[override]
         """The binary input stream, sys.stdin.buffer (made on first use)."""
         if self._rfile is None:
-            self._rfile = _BinaryReader(
-                _raw_reader(self.connection, self.stdout, self._timeout),
-                self.rbufsize)
-            self._rfile.max_line = self.server.max_line
+            self._reader = _raw_reader(self.connection, self.stdout,
+                                       self._timeout)
+            rfile = _BinaryReader(self._reader, self.rbufsize)
+            rfile.max_line = self.server.max_line
+            self._rfile = rfile
         return self._rfile
 
     @property
     def stdin(self) -> "_TextReader":
         """The text input stream, the thunk's sys.stdin (made on first use)."""
         if self._stdin is None:
-            self._stdin = _TextReader(self.rfile, encoding=self.encoding,
-                                      errors=self.decode_errors)
-            self._stdin.max_line = self.server.max_line
+            stdin = _TextReader(self.rfile, encoding=self.encoding,
+                                errors=self.decode_errors)
+            stdin.max_line = self.server.max_line
+            self._stdin = stdin
         return self._stdin
 
     def handle(self) -> None:
@@ -1030,9 +1045,11 @@ class ThunkHandler(socketserver.StreamRequestHandler):
             _bound.handler = self
             _switch.bind(self.stdout)
             try:
-                self.server.thunk()
+                thunk = self.server.thunk
+                assert thunk is not None  # check_settings() saw to that
+                thunk()
             except EOFError as exc:
-                if not (self._rfile is not None and self._rfile.raw.at_eof
+                if not (self._rfile is not None and self._reader.at_eof
                         and exc.args == _INPUT_EOF):
                     raise  # not input() at the end of the client's input
             finally:
@@ -1187,9 +1204,10 @@ class _Slots:
         with self.lock:
             if self.pending:
                 return  # still held: the last accept failed
-            if (limit is None or self.taken < limit) and not self.full:
+            if limit is None or (self.taken < limit and not self.full):
                 self.taken += 1
                 self.pending = True
+                self.full = False  # no limit now: nothing to report
                 return
             became_full = not self.full
             self.full = True
@@ -1455,6 +1473,10 @@ def _exit_now(code: int) -> NoReturn:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def _unblock_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 class _WorkerProcesses:
     """Worker processes that serve one listening socket, and their
     supervisor, this process: serve_workers() is its run()."""
@@ -1545,9 +1567,9 @@ class _WorkerProcesses:
         try:
             # The supervisor passes on a signal the worker may have had
             # too (a stop of the whole process group): not a second one.
-            self.server.serve_until_signalled(
-                self.poll_interval, patience=0.5, ready=lambda: (
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)))
+            self.server.serve_until_signalled(self.poll_interval,
+                                              ready=_unblock_stop_signals,
+                                              patience=0.5)
             code = 0
         except BaseException:
             traceback.print_exc()
@@ -1581,6 +1603,9 @@ def _host(address: _Address) -> str:
 # The server: the accept loop runs in serve_forever()'s thread, everything
 # per connection in that connection's thread.
 # ---------------------------------------------------------------------------
+
+_Server = TypeVar("_Server", bound="ThreadingTCPServer")
+
 
 class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     """A socketserver.ThreadingTCPServer with the egg's limit, diagnostics and hooks.
@@ -1728,8 +1753,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._trusted = _networks("trusted_proxies", self.trusted_proxies)
 
     @classmethod
-    def from_listener(cls, listener: socket.socket, RequestHandlerClass: Any,
-                      **kwargs: Any) -> "ThreadingTCPServer":
+    def from_listener(cls: Type[_Server], listener: socket.socket,
+                      RequestHandlerClass: Any, **kwargs: Any) -> _Server:
         """Return a server that accepts on an existing listening TCP socket.
 
         For sockets from tcp_listen(), socket.create_server() or a parent
@@ -1844,7 +1869,10 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self._slots.stopping = True
             self._slots.freed.notify_all()
             if self._wake is not None:
-                self._wake.send(b"\0")
+                try:
+                    self._wake.send(b"\0")
+                except OSError:
+                    pass  # the loop closed its end: it is ending anyway
         self._loop_done.wait()
         with self._slots.lock:
             self._slots.stopping = False
@@ -2056,8 +2084,10 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self.shutdown_request(request)
             raise
 
-    def process_request(self, request: socket.socket,
-                        client_address: _Address) -> None:
+    # socketserver's stubs type a request as a socket or, for a datagram
+    # server, (data, socket); a TCP server's are sockets: hence the ignores.
+    def process_request(  # type: ignore[override]
+            self, request: socket.socket, client_address: _Address) -> None:
         """Have a request thread run process_request_thread().  May be extended.
 
         The request takes over the slot get_request() held.  A client that
@@ -2077,7 +2107,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 number = slots.open_request(request, host, _is_tls(request))
                 spare = self._request_threads.take_spare()
         if refused:
-            self.log("refused %s: %d connections from it already"
+            self.log("refused %s: %s connections from it already"
                      % (host, self.max_per_client), logging.INFO)
             self.close_request(request)
             return
@@ -2093,8 +2123,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
     # -- a request's own thread ---------------------------------------------
 
-    def process_request_thread(self, request: socket.socket,
-                               client_address: _Address) -> None:
+    def process_request_thread(  # type: ignore[override]
+            self, request: socket.socket, client_address: _Address) -> None:
         """Serve one connection in its own thread, then close it.
 
         Finds the connection's addresses (_addresses(): a PROXY header's,
@@ -2192,7 +2222,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             if slots.count_in(host, self.max_per_client):
                 slots.open[request].host = host
                 return None
-        return "%d connections from it already" % (self.max_per_client,)
+        return "%s connections from it already" % (self.max_per_client,)
 
     def _serve(self, request: socket.socket, local: _Address, peer: _Address,
                verbose: bool) -> None:
@@ -2256,7 +2286,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
     # -- any thread ---------------------------------------------------------
 
-    def close_request(self, request: socket.socket) -> None:
+    def close_request(  # type: ignore[override]
+            self, request: socket.socket) -> None:
         """Close one connection and give its slot back.  May be extended.
 
         Called in the request's thread, or in the accept thread for a
@@ -2267,7 +2298,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         finally:
             self._slots.close_request(request)
 
-    def shutdown_request(self, request: socket.socket) -> None:
+    def shutdown_request(  # type: ignore[override]
+            self, request: socket.socket) -> None:
         """Close one connection in order: TLS close_notify if any, then FIN.  May be extended.
 
         close_notify tells a TLS client the reply is complete; it is sent
@@ -2613,7 +2645,8 @@ def _apply_option(options: _Options, option: str, value: str) -> None:
 def _port_number(text: str) -> int:
     """Return PORT as a number: digits, or a service name from /etc/services."""
     if text.isdigit():
-        return _number("PORT", text, 0, 65535)
+        port: int = _number("PORT", text, 0, 65535)
+        return port
     try:
         return socket.getservbyname(text, "tcp")
     except OSError:
@@ -2869,7 +2902,8 @@ class _CommandServer(ThreadingTCPServer):
             self._left = {group for group in self._left
                           if _signal_group(group, 0)}  # gone: forgotten
 
-    def shutdown_request(self, request: socket.socket) -> None:
+    def shutdown_request(  # type: ignore[override]
+            self, request: socket.socket) -> None:
         """Close our copy only, where PROGRAM has the socket itself: it
         (and its children) may hold the connection longer, and it ends when
         the last copy closes.  Piped (TLS, --timeout): an orderly close."""
@@ -2928,19 +2962,22 @@ class _CommandServer(ThreadingTCPServer):
             self._left.difference_update(groups)
 
 
-class _CommandConnection:
+class _CommandConnection(socketserver.BaseRequestHandler):
     """One connection of the command line: counted, judged by the rules,
-    served by serve(), and logged with its number and raw wait status.
-    A mixin in front of a socketserver request handler class."""
+    served by serve(), and logged with its number and raw wait status."""
+
+    server: "_CommandServer"
+    request: socket.socket
 
     def handle(self) -> None:
         server = self.server
         self.number = server.begin()  # a PROGRAM's pid replaces it
         self.status = _EXIT_USAGE << 8  # what ucspi-tcp's denying child exits with
+        local = server.local_address(self.request)
+        assert local is not None  # known before any handler runs
         try:
-            admitted = server.admit(self.request,
-                                    server.local_address(self.request),
-                                    self.client_address, self.number)
+            admitted = server.admit(self.request, local, self.client_address,
+                                    self.number)
             if admitted is not None:
                 self.serve(*admitted)
         finally:
@@ -2951,7 +2988,7 @@ class _CommandConnection:
         raise NotImplementedError
 
 
-class _ProgramHandler(_CommandConnection, socketserver.BaseRequestHandler):
+class _ProgramHandler(_CommandConnection):
     """Runs the command line's PROGRAM for one connection."""
 
     def serve(self, variables: Dict[str, str], fields: str) -> None:
@@ -3226,6 +3263,8 @@ def _watch(selector: Any, stream: Any, read: bool, write: bool) -> None:
 
 class _CallHandler(_CommandConnection, ThunkHandler):
     """Runs the command line's --call thunk for one connection."""
+
+    server: "_CommandServer"  # both bases declare it: say which one wins
 
     def serve(self, variables: Dict[str, str], fields: str) -> None:
         self.server.started(self.number, self.client_address, fields)
