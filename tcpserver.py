@@ -1431,15 +1431,176 @@ class _RequestThreads:
             return [worker.thread for worker in self.threads
                     if worker.thread.is_alive()]
 
-    def close(self) -> List[threading.Thread]:
-        """End the spare threads; return the other threads to wait for."""
+    def drain(self, wait: bool) -> None:
+        """End the spare threads, then, if wait, the others: see server_close()."""
         with self.slots.lock:
             self.closing = True
             spare, self.spare = self.spare, []
-            threads = [worker.thread for worker in self.threads]
+            threads = [worker.thread for worker in self.threads
+                       if not worker.thread.daemon]
         for worker in spare:
             worker.wake.release()  # with no job: the thread ends
-        return [thread for thread in threads if not thread.daemon]
+        server = self.server
+        if not wait or _join(threads, server.drain_timeout):
+            return
+        server.log("resetting %d requests still running after the %s s drain"
+                   % (self.slots.stats()["active"], server.drain_timeout),
+                   logging.WARNING)
+        # SHUT_RD wakes blocked reads without sending FIN, so the client sees
+        # only the reset; SHUT_RDWR then wakes writes blocked on the client.
+        for how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            self.reset_open_requests(how)
+            if _join(threads, server.reset_grace):
+                return
+        server.log("request threads still running after their reset: %s"
+                   % ", ".join(t.name for t in threads if t.is_alive()),
+                   logging.WARNING)
+
+    def reset_open_requests(self, how: int) -> None:
+        """Mark open requests for a reset and shut their sockets down (how)."""
+        for request in self.slots.drain():
+            try:
+                self.server.prepare_hard_close(request)
+                # shutdown() wakes a thread blocked on the socket; close()
+                # would not.  socket.socket's, for SSLSocket's drops TLS.
+                socket.socket.shutdown(request, how)
+            except OSError:
+                pass  # closed meanwhile
+
+
+class _AcceptLoop:
+    """serve_forever()'s loop: socketserver's, plus a socket that
+    shutdown() writes to, so that the loop ends at once; and how the
+    accept thread meets accept() errors."""
+
+    def __init__(self, server: "ThreadingTCPServer") -> None:
+        self.server = server
+        self.slots = server._slots
+        self.stopped = threading.Event()  # shutdown() wants the loop to end
+        self.done = threading.Event()     # the loop has ended
+        self.wake: Optional[socket.socket] = None  # the slots' lock guards it
+        self.poll_interval: Optional[float] = None  # while the loop runs
+        self.errors = 0                   # failed accepts in a row
+
+    def run(self, poll_interval: float) -> None:
+        """Serve until stop(): each ready connection goes to
+        _handle_request_noblock(); service_actions() after each wake."""
+        self.done.clear()
+        self.poll_interval = poll_interval
+        server = self.server
+        woken, wake = socket.socketpair()
+        with self.slots.lock:
+            self.wake = wake
+        try:
+            with woken, selectors.DefaultSelector() as selector:
+                selector.register(server, selectors.EVENT_READ)
+                selector.register(woken, selectors.EVENT_READ)
+                while not self.stopped.is_set():
+                    ready = selector.select(poll_interval)
+                    if self.stopped.is_set():
+                        break
+                    if any(key.fileobj is server for key, _ in ready):
+                        server._handle_request_noblock()
+                    server.service_actions()
+        finally:
+            with self.slots.lock:
+                self.wake = None
+            wake.close()
+            self.stopped.clear()
+            self.poll_interval = None
+            self.done.set()
+
+    def stop(self) -> None:
+        """End run() (or a wait for a slot) at once; return once it ended."""
+        self.stopped.set()
+        with self.slots.lock:
+            self.slots.stopping = True
+            self.slots.freed.notify_all()
+            if self.wake is not None:
+                try:
+                    self.wake.send(b"\0")
+                except OSError:
+                    pass  # the loop closed its end: it is ending anyway
+        self.done.wait()
+        with self.slots.lock:
+            self.slots.stopping = False
+
+    def accept_failed(self, exc: OSError) -> None:
+        """Log the first of a run of accept errors; back off if resources ran out."""
+        if exc.errno in _TRANSIENT_ERRNOS:
+            # The client left first: no matter.
+            self.server.log("accept: %s" % (exc,))
+            return
+        self.errors += 1
+        if self.errors == 1:
+            self.server.log("accept failed: %s" % (exc,), logging.WARNING)
+        if exc.errno in _RESOURCE_ERRNOS:
+            self.slots.wait(min(1.0, 0.01 * 2 ** (self.errors - 1)))
+
+    def accepted(self) -> None:
+        """Note that accept() works (again, after a run of errors)."""
+        if self.errors:
+            self.server.log("accept works again after %d failures"
+                            % self.errors, logging.WARNING)
+            self.errors = 0
+
+
+class _ConnectionSetup:
+    """What a connection goes through before its handler runs, as the
+    server's settings have it at the time: TLS (wrapped in the accept
+    thread, the handshake in the connection's own), a PROXY header."""
+
+    def __init__(self, server: "ThreadingTCPServer") -> None:
+        self.server = server
+        self.trusted: List[Any] = []  # trusted_proxies, parsed
+
+    def wrap_tls(self, conn: socket.socket) -> socket.socket:
+        """Wrap conn in ssl_context, leaving the handshake to conn's thread:
+        there a slow client holds up nobody."""
+        try:
+            tls: socket.socket = self.server.ssl_context.wrap_socket(
+                conn, server_side=True, do_handshake_on_connect=False)
+        except BaseException:
+            conn.close()
+            raise
+        return tls
+
+    def addresses(self, request: socket.socket) -> Tuple[_Address, _Address]:
+        """Return the connection's (local, peer) addresses.
+
+        From a PROXY header first, if proxy_protocol is on and the peer is
+        one of the trusted_proxies (read within handshake_timeout; a
+        missing or bad one raises ProxyHeaderError), before any TLS
+        handshake, which comes next if get_request() wrapped the connection
+        (within handshake_timeout); then through get_addresses().  A
+        header's addresses win over the connection's own unless it carries
+        none (a LOCAL health check).  A peer outside trusted_proxies is
+        served as it is: its first bytes are not read as a header, so it
+        cannot claim another address.  Called in the connection's thread.
+        """
+        server, slots = self.server, self.server._slots
+        header = None
+        if server.proxy_protocol and self.is_trusted(request.getpeername()):
+            header = read_proxy_header(request, server.handshake_timeout)
+            request.settimeout(None)
+        with slots.lock:
+            opened = slots.open.get(request)
+        if opened is not None and opened.tls:
+            request.settimeout(server.handshake_timeout)
+            request.do_handshake()  # type: ignore[attr-defined]
+            request.settimeout(None)
+        local, peer = server.get_addresses(request)
+        if header is not None:
+            local, peer = header
+        with slots.lock:
+            if opened is not None:
+                opened.local = local
+        return local, peer
+
+    def is_trusted(self, peer: _Address) -> bool:
+        """Is peer (the balancer's address) allowed to send a PROXY header?"""
+        address = ipaddress.ip_address(_plain_address(peer)[0].split("%")[0])
+        return any(address in network for network in self.trusted)
 
 
 def _join(threads: List[threading.Thread], timeout: Optional[float]) -> bool:
@@ -1475,6 +1636,41 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def _unblock_stop_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT handlers for serving until one comes, while in a
+    with block: the first stops the server (shutdown()), a second one, at
+    least patience seconds later, ends the process at once (stop_now())."""
+
+    def __init__(self, server: "ThreadingTCPServer", patience: float) -> None:
+        self.server = server
+        self.patience = patience
+        self.first_at = 0.0  # when the first signal came
+        self.previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        self.previous = {number: signal.signal(number, self.first)
+                         for number in _STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def first(self, signum: int, frame: Any) -> None:
+        self.first_at = time.monotonic()
+        for number in _STOP_SIGNALS:
+            signal.signal(number, self.second)
+        # shutdown() waits for serve_forever(), so not from its thread.
+        threading.Thread(target=self.server.shutdown, name="signal").start()
+
+    def second(self, signum: int, frame: Any) -> None:
+        if time.monotonic() - self.first_at < self.patience:
+            return  # the same stop, told twice
+        self.server.log("a second signal: stopping at once", logging.WARNING)
+        self.server.stop_now()
+        _exit_now(0)
 
 
 class _WorkerProcesses:
@@ -1692,12 +1888,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     # The per-server state, made by __new__.
     _slots: _Slots
     _request_threads: _RequestThreads
-    _trusted: List[Any]         # trusted_proxies, parsed
-    _stop: threading.Event      # shutdown() wants serve_forever() to end
-    _loop_done: threading.Event  # serve_forever() has ended
-    _wake: Optional[socket.socket]  # written to by shutdown(); slots' lock
-    _poll_interval: Optional[float]  # serve_forever()'s, while it runs
-    _accept_errors: int         # failed accepts in a row
+    _setup: "_ConnectionSetup"
+    _loop: "_AcceptLoop"
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "ThreadingTCPServer":
         """Create the per-server state, whichever __init__ runs.
@@ -1708,12 +1900,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self = super().__new__(cls)
         self._slots = _Slots()
         self._request_threads = _RequestThreads(self)
-        self._trusted = []
-        self._stop = threading.Event()
-        self._loop_done = threading.Event()
-        self._wake = None
-        self._poll_interval = None
-        self._accept_errors = 0
+        self._setup = _ConnectionSetup(self)
+        self._loop = _AcceptLoop(self)
         return self
 
     def __init__(self, server_address: _Address, RequestHandlerClass: Any,
@@ -1750,7 +1938,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         if self.thunk is None and _runs_thunks(handler):
             raise TypeError("thunk must be callable when RequestHandlerClass"
                             " is a ThunkHandler, not None")
-        self._trusted = _networks("trusted_proxies", self.trusted_proxies)
+        self._setup.trusted = _networks("trusted_proxies",
+                                        self.trusted_proxies)
 
     @classmethod
     def from_listener(cls: Type[_Server], listener: socket.socket,
@@ -1816,45 +2005,16 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         when shutdown() is called, even while every slot is busy.
         """
         self.check_settings()
-        self._loop_done.clear()
-        self._poll_interval = poll_interval
-        try:
-            if _runs_thunks(self.RequestHandlerClass):
-                with _switch:
-                    self._accept_loop(poll_interval)
-            else:
-                self._accept_loop(poll_interval)
-        finally:
-            self._stop.clear()
-            self._poll_interval = None
-            self._loop_done.set()
-
-    def _accept_loop(self, poll_interval: float) -> None:
-        """socketserver's serve_forever() loop, plus a socket shutdown()
-        writes to, so that the loop ends at once."""
-        woken, wake = socket.socketpair()
-        with self._slots.lock:
-            self._wake = wake
-        try:
-            with woken, selectors.DefaultSelector() as selector:
-                selector.register(self, selectors.EVENT_READ)
-                selector.register(woken, selectors.EVENT_READ)
-                while not self._stop.is_set():
-                    ready = selector.select(poll_interval)
-                    if self._stop.is_set():
-                        break
-                    if any(key.fileobj is self for key, _ in ready):
-                        self._handle_request_noblock()
-                    self.service_actions()
-        finally:
-            with self._slots.lock:
-                self._wake = None
-            wake.close()
+        if _runs_thunks(self.RequestHandlerClass):
+            with _switch:
+                self._loop.run(poll_interval)
+        else:
+            self._loop.run(poll_interval)
 
     @property
     def serving(self) -> bool:
         """True while serve_forever() runs."""
-        return self._poll_interval is not None
+        return self._loop.poll_interval is not None
 
     def shutdown(self) -> None:
         """Stop the serve_forever() loop and wait until it has stopped.
@@ -1864,18 +2024,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         deadlocks, as socketserver's.  Requests still running carry on;
         server_close() drains them.
         """
-        self._stop.set()
-        with self._slots.lock:
-            self._slots.stopping = True
-            self._slots.freed.notify_all()
-            if self._wake is not None:
-                try:
-                    self._wake.send(b"\0")
-                except OSError:
-                    pass  # the loop closed its end: it is ending anyway
-        self._loop_done.wait()
-        with self._slots.lock:
-            self._slots.stopping = False
+        self._loop.stop()
 
     def serve_until_signalled(self, poll_interval: float = 0.5, *,
                               ready: Optional[Callable[[], None]] = None,
@@ -1892,32 +2041,11 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         Main thread only, as signal handlers are; the previous handlers
         come back.
         """
-        first_at: List[float] = []  # when the first signal came
-
-        def first(signum: int, frame: Any) -> None:
-            first_at.append(time.monotonic())
-            for number in _STOP_SIGNALS:
-                signal.signal(number, second)
-            # shutdown() waits for serve_forever(), so not from its thread.
-            threading.Thread(target=self.shutdown, name="signal").start()
-
-        def second(signum: int, frame: Any) -> None:
-            if time.monotonic() - first_at[0] < patience:
-                return  # the same stop, told twice
-            self.log("a second signal: stopping at once", logging.WARNING)
-            self.stop_now()
-            _exit_now(0)
-
-        previous = {number: signal.signal(number, first)
-                    for number in _STOP_SIGNALS}
-        try:
+        with _StopSignals(self, patience):
             if ready is not None:
                 ready()
             self.serve_forever(poll_interval)
             self.server_close()
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
         left = [thread.name for thread in self._request_threads.alive()]
         if left:
             self.log("exiting while %s still run" % ", ".join(left),
@@ -2025,41 +2153,16 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         growing back-off, so the loop neither dies nor spins.  May be
         extended.
         """
-        self._slots.take(self.max_requests, self._poll_interval, self.log)
+        self._slots.take(self.max_requests, self._loop.poll_interval, self.log)
         try:
             request, client_address = self.accept_connection(self.socket)
             if self.ssl_context is not None:
-                request = self._wrap_tls(request)
+                request = self._setup.wrap_tls(request)
         except OSError as exc:
-            self._accept_failed(exc)
+            self._loop.accept_failed(exc)
             raise
-        if self._accept_errors:
-            self.log("accept works again after %d failures"
-                     % self._accept_errors, logging.WARNING)
-            self._accept_errors = 0
+        self._loop.accepted()
         return request, client_address
-
-    def _wrap_tls(self, conn: socket.socket) -> socket.socket:
-        """Wrap conn in ssl_context, leaving the handshake to conn's thread:
-        there a slow client holds up nobody."""
-        try:
-            tls: socket.socket = self.ssl_context.wrap_socket(
-                conn, server_side=True, do_handshake_on_connect=False)
-        except BaseException:
-            conn.close()
-            raise
-        return tls
-
-    def _accept_failed(self, exc: OSError) -> None:
-        """Log the first of a run of accept errors; back off if resources ran out."""
-        if exc.errno in _TRANSIENT_ERRNOS:
-            self.log("accept: %s" % (exc,))  # the client left first: no matter
-            return
-        self._accept_errors += 1
-        if self._accept_errors == 1:
-            self.log("accept failed: %s" % (exc,), logging.WARNING)
-        if exc.errno in _RESOURCE_ERRNOS:
-            self._slots.wait(min(1.0, 0.01 * 2 ** (self._accept_errors - 1)))
 
     def _handle_request_noblock(self) -> None:
         """Accept and dispatch one connection, as socketserver does.
@@ -2127,8 +2230,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self, request: socket.socket, client_address: _Address) -> None:
         """Serve one connection in its own thread, then close it.
 
-        Finds the connection's addresses (_addresses(): a PROXY header's,
-        the TLS handshake, get_addresses()), then calls finish_request()
+        Finds the connection's addresses (a PROXY header's, the TLS
+        handshake, get_addresses(): _ConnectionSetup), then calls finish_request()
         with the peer as client_address.  (With proxy_protocol on, the peer
         is the client the PROXY header names, and verify_request() and
         max_per_client judge it here first: a refused one is closed,
@@ -2146,7 +2249,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         started = False
         kind = outcome = "ok"
         try:
-            local, peer = self._addresses(request)
+            local, peer = self._setup.addresses(request)
             refusal = self._refusal(request, peer) if self.proxy_protocol else None
             if refusal is None:
                 started = True
@@ -2161,13 +2264,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             if kind == "error":
                 self.handle_error(request, peer)
         finally:
-            _bound.tls_error = None
-            if self._slots.end(request, kind):
-                kind, outcome = "drained", "drained, reset by server_close()"
-            if kind in _RESET_KINDS:
-                self.abort_request(request, peer)
-            else:
-                self.shutdown_request(request)
+            outcome = self._close(request, peer, kind, outcome)
             if verbose:
                 # Without a start line, say whom the failed setup was with.
                 who = "" if started else " (with %s)" % (_host(peer),)
@@ -2175,41 +2272,18 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                          % (threading.current_thread().name, who, outcome,
                             time.monotonic() - began))
 
-    def _addresses(self, request: socket.socket) -> Tuple[_Address, _Address]:
-        """Return the connection's (local, peer) addresses.
-
-        From a PROXY header first, if proxy_protocol is on and the peer is
-        one of the trusted_proxies (read within handshake_timeout; a
-        missing or bad one raises ProxyHeaderError), before any TLS
-        handshake, which comes next if get_request() wrapped the connection
-        (within handshake_timeout); then through get_addresses().  A
-        header's addresses win over the connection's own unless it carries
-        none (a LOCAL health check).  A peer outside trusted_proxies is
-        served as it is: its first bytes are not read as a header, so it
-        cannot claim another address.
-        """
-        header = None
-        if self.proxy_protocol and self._is_trusted(request.getpeername()):
-            header = read_proxy_header(request, self.handshake_timeout)
-            request.settimeout(None)
-        with self._slots.lock:
-            opened = self._slots.open.get(request)
-        if opened is not None and opened.tls:
-            request.settimeout(self.handshake_timeout)
-            request.do_handshake()  # type: ignore[attr-defined]
-            request.settimeout(None)
-        local, peer = self.get_addresses(request)
-        if header is not None:
-            local, peer = header
-        with self._slots.lock:
-            if opened is not None:
-                opened.local = local
-        return local, peer
-
-    def _is_trusted(self, peer: _Address) -> bool:
-        """Is peer (the balancer's address) allowed to send a PROXY header?"""
-        address = ipaddress.ip_address(_plain_address(peer)[0].split("%")[0])
-        return any(address in network for network in self._trusted)
+    def _close(self, request: socket.socket, peer: _Address, kind: str,
+               outcome: str) -> str:
+        """Count a request's end, close its connection (a reset for the
+        kinds of _RESET_KINDS), and return its outcome for the log."""
+        _bound.tls_error = None
+        if self._slots.end(request, kind):
+            kind, outcome = "drained", "drained, reset by server_close()"
+        if kind in _RESET_KINDS:
+            self.abort_request(request, peer)
+        else:
+            self.shutdown_request(request)
+        return outcome
 
     def _refusal(self, request: socket.socket, peer: _Address) -> Optional[str]:
         """Judge the client a PROXY header named: why verify_request() or
@@ -2327,33 +2401,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         not wait at all.
         """
         super().server_close()
-        threads = self._request_threads.close()
-        if not self.block_on_close or _join(threads, self.drain_timeout):
-            return
-        with self._slots.lock:
-            running = len(self._slots.open)
-        self.log("resetting %d requests still running after the %s s drain"
-                 % (running, self.drain_timeout), logging.WARNING)
-        # SHUT_RD wakes blocked reads without sending FIN, so the client sees
-        # only the reset; SHUT_RDWR then wakes writes blocked on the client.
-        for how in (socket.SHUT_RD, socket.SHUT_RDWR):
-            self._reset_open_requests(how)
-            if _join(threads, self.reset_grace):
-                return
-        self.log("request threads still running after their reset: %s"
-                 % ", ".join(t.name for t in threads if t.is_alive()),
-                 logging.WARNING)
-
-    def _reset_open_requests(self, how: int) -> None:
-        """Mark open requests for a reset and shut their sockets down (how)."""
-        for request in self._slots.drain():
-            try:
-                self.prepare_hard_close(request)
-                # shutdown() wakes a thread blocked on the socket; close()
-                # would not.  socket.socket's, for SSLSocket's drops TLS.
-                socket.socket.shutdown(request, how)
-            except OSError:
-                pass  # closed meanwhile
+        self._request_threads.drain(self.block_on_close)
 
 
 # ---------------------------------------------------------------------------
