@@ -56,7 +56,6 @@ __all__ = [
     "ThreadingTCPServer",
     "ThunkHandler",
     "current_connection",
-    "main",
     "make_tcp_server",
     "read_proxy_header",
     "systemd_listeners",
@@ -114,9 +113,6 @@ _COUNTED_AS = {"ok": "completed", "refused": "refused"}
 # How a request may end that earns its connection a reset (RST).
 _RESET_KINDS = frozenset(("error", "timed out", "line too long", "drained",
                           "TLS error"))
-
-# Marks a keyword argument left out, where None is a value of its own.
-_UNSET = object()
 
 # The arguments of the EOFError that input() raises at the end of input.
 _INPUT_EOF = ("EOF when reading a line",)
@@ -2455,8 +2451,15 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
 # The command line: python -m tcpserver, a ucspi-tcp tcpserver in Python.
 # ---------------------------------------------------------------------------
 
+# The section's one public name: the library above does not need it, so the
+# file may be cut at this section's banner and lose nothing else.
+__all__ += ["main"]
+
 _EXIT_USAGE = 100      # a bad option or argument, as ucspi-tcp's usage errors
 _EXIT_TEMPORARY = 111  # a failure worth retrying (address in use), djb's code
+# Can this system run a PROGRAM on a socket and in a process group of its
+# own, fork workers and change uids?  Not Windows.
+_POSIX_COMMAND = os.name == "posix"
 _END_GRACE = 1.0       # seconds a PROGRAM's group has from SIGTERM to SIGKILL
 _EXIT_POLL = 0.02      # seconds between looks at PROGRAM's exit, without pidfd
 
@@ -2524,8 +2527,25 @@ at once.  Exit codes: 0 stopped by a signal, 100 bad usage, 111 temporary
 failure (address in use, cannot resolve HOST, cannot drop privileges)."""
 
 
-class _UsageError(Exception):
-    """The command line is wrong: one line for stderr, exit _EXIT_USAGE."""
+class _CommandError(Exception):
+    """The command cannot run: one line for stderr, and its exit code."""
+
+    code = _EXIT_TEMPORARY  # a failure worth retrying
+
+
+class _UsageError(_CommandError):
+    """The command line is wrong."""
+
+    code = _EXIT_USAGE
+
+    def __str__(self) -> str:
+        return "usage error: %s (see --help)" % (super().__str__(),)
+
+
+def _say(line: str) -> None:
+    """Write one line of ours to stderr, as ucspi-tcp does: "tcpserver: ..."."""
+    sys.stderr.write("tcpserver: %s\n" % line)
+    sys.stderr.flush()
 
 
 class _Options:
@@ -2619,7 +2639,7 @@ def _parse_command_line(argv: List[str]) -> _Options:
         raise _UsageError("--tls-cert and --tls-key go together")
     if options.tls_ca and not options.tls_cert:
         raise _UsageError("--tls-ca needs --tls-cert and --tls-key")
-    if not _POSIX:
+    if not _POSIX_COMMAND:
         _check_posix_options(options)
     return options
 
@@ -2635,59 +2655,57 @@ def _check_posix_options(options: _Options) -> None:
                               % what)
 
 
+# What each option sets: a flag's value; a number's range and kind; the
+# text of the others as given.  -t (ident timeout) is checked, not used.
+_FLAGS = {"-v": ("verbosity", 2), "-Q": ("verbosity", 1),
+          "-q": ("verbosity", 0), "-1": ("print_port", True),
+          "-d": ("nodelay", False), "-D": ("nodelay", True),
+          "-h": ("remote_host", True), "-H": ("remote_host", False),
+          "-p": ("paranoid", True), "-P": ("paranoid", False),
+          "-o": ("ip_options", True), "-O": ("ip_options", False),
+          "-X": ("rules_optional", True), "--help": ("help", True),
+          "--proxy-protocol": ("proxy_protocol", True),
+          "--inherit": ("inherit", True), "-r": (None, None),
+          "-R": (None, None)}
+_NUMBERS: Dict[str, Tuple[Optional[str], float, float, Callable[[str], Any]]] = {
+    "-c": ("limit", 1, sys.maxsize, int),
+    "-w": ("workers", 1, 1024, int),
+    "-b": ("backlog", 0, 2 ** 31 - 1, int),
+    "-u": ("uid", 0, 2 ** 32 - 2, int),
+    "-g": ("gid", 0, 2 ** 32 - 2, int),
+    "--per-client": ("per_client", 1, sys.maxsize, int),
+    "--timeout": ("timeout", 0.001, _YEAR, float),
+    "--drain": ("drain", 0.0, _YEAR, float),  # --drain 0: no drain
+    "-t": (None, 0, sys.maxsize, int),
+}
+_TEXTS = {"-l": "local_host", "-x": "rules", "--call": "call",
+          "--tls-cert": "tls_cert", "--tls-key": "tls_key",
+          "--tls-ca": "tls_ca"}
+
+
 def _apply_option(options: _Options, option: str, value: str) -> None:
     """Set what one option (from getopt) means."""
-    flags = {"-v": ("verbosity", 2), "-Q": ("verbosity", 1),
-             "-q": ("verbosity", 0), "-1": ("print_port", True),
-             "-d": ("nodelay", False), "-D": ("nodelay", True),
-             "-h": ("remote_host", True), "-H": ("remote_host", False),
-             "-p": ("paranoid", True), "-P": ("paranoid", False),
-             "-o": ("ip_options", True), "-O": ("ip_options", False),
-             "-X": ("rules_optional", True), "--help": ("help", True),
-             "--proxy-protocol": ("proxy_protocol", True),
-             "--inherit": ("inherit", True)}
-    if option in flags:
-        setattr(options, *flags[option])
-    elif option in ("-r", "-R", "-t"):
-        if option == "-t":
-            _number(option, value)  # ident timeout: checked, not used
-    elif option == "-c":
-        options.limit = _number(option, value, 1)
-    elif option == "-w":
-        options.workers = _number(option, value, 1, 1024)
-    elif option == "-b":
-        options.backlog = _number(option, value, 0, 2 ** 31 - 1)
+    if option in _FLAGS:
+        name, setting = _FLAGS[option]
+        if name is not None:
+            setattr(options, name, setting)
+    elif option in _NUMBERS:
+        name, minimum, maximum, kind = _NUMBERS[option]
+        number = _number(option, value, minimum, maximum, kind)
+        if name is not None:
+            setattr(options, name, number)
+    elif option in _TEXTS:
+        setattr(options, _TEXTS[option], value)
     elif option == "-B":
-        options.banner = os.fsencode(value)
-    elif option == "-l":
-        options.local_host = value
-    elif option == "-x":
-        options.rules = value
-    elif option in ("-u", "-g"):
-        setattr(options, "uid" if option == "-u" else "gid",
-                _number(option, value, 0, 2 ** 32 - 2))
-    elif option == "-U":
+        options.banner = os.fsencode(value)  # the bytes as given
+    elif option == "--trusted-proxies":
+        options.trusted_proxies = value.split(",")  # the server checks them
+    else:  # -U
         for name in ("UID", "GID"):
             if name in os.environ:
                 setattr(options, name.lower(),
                         _number("-U ($%s)" % name, os.environ[name], 0,
                                 2 ** 32 - 2))
-    elif option == "--call":
-        options.call = value
-    elif option == "--per-client":
-        options.per_client = _number(option, value, 1)
-    elif option == "--trusted-proxies":
-        options.trusted_proxies = value.split(",")
-        try:
-            _networks(option, options.trusted_proxies)
-        except ValueError as exc:
-            raise _UsageError(str(exc)) from None
-    elif option in ("--timeout", "--drain"):
-        shortest = 0.001 if option == "--timeout" else 0.0  # --drain 0: none
-        setattr(options, option[2:], _number(option, value, shortest, _YEAR,
-                                             float))
-    else:  # --tls-cert, --tls-key, --tls-ca
-        setattr(options, option[2:].replace("-", "_"), value)
 
 
 def _port_number(text: str) -> int:
@@ -2846,16 +2864,14 @@ class _CommandServer(ThreadingTCPServer):
     def say(self, line: str) -> None:
         """Write one of ucspi-tcp's -v lines to stderr."""
         if self.options.verbosity >= 2:
-            sys.stderr.write("tcpserver: %s\n" % line)
-            sys.stderr.flush()
+            _say(line)
 
     def log(self, message: str, level: int = logging.DEBUG) -> None:
         """Our own diagnostics: warnings and worse, unless -q."""
         if level >= logging.WARNING and self.options.verbosity >= 1:
-            sys.stderr.write("tcpserver: warning: %s\n" % message)
-            sys.stderr.flush()
+            _say("warning: " + message)
 
-    def handle_error(self, request: Any, client_address: _Address) -> None:
+    def handle_error(self, request: Any, client_address: Tuple[Any, ...]) -> None:
         """A thunk's exception: its traceback, unless -q."""
         if self.options.verbosity >= 1:
             super().handle_error(request, client_address)
@@ -2875,8 +2891,8 @@ class _CommandServer(ThreadingTCPServer):
             self.say("end %d status %d" % (number, status))
             self.say("status: %d/%d" % (self._running, self.options.limit))
 
-    def environment(self, local: _Address,
-                    peer: _Address) -> Tuple[Dict[str, str], str, str]:
+    def environment(self, local: Tuple[Any, ...],
+                    peer: Tuple[Any, ...]) -> Tuple[Dict[str, str], str, str]:
         """Return a connection's TCP* variables and the local and remote
         fields of its log lines."""
         options = self.options
@@ -2897,8 +2913,8 @@ class _CommandServer(ThreadingTCPServer):
                   "%s:%s::%s" % (remote_host or "", peer[0], peer[1]))
         return variables, fields[0], fields[1]
 
-    def admit(self, connection: socket.socket, local: _Address,
-              peer: _Address, number: int) -> Optional[Tuple[Dict[str, str], str]]:
+    def admit(self, connection: socket.socket, local: Tuple[Any, ...],
+              peer: Tuple[Any, ...], number: int) -> Optional[Tuple[Dict[str, str], str]]:
         """Decide on a connection: its environment and the fields of its
         "ok" line, or None if the rules deny it (logged).  Sets its socket
         options and sends the banner."""
@@ -2920,7 +2936,7 @@ class _CommandServer(ThreadingTCPServer):
             variables.update(granted)
         return variables, "%s %s" % (local_field, remote_field)
 
-    def started(self, number: int, peer: _Address, fields: str) -> None:
+    def started(self, number: int, peer: Tuple[Any, ...], fields: str) -> None:
         """Log a PROGRAM's (or a thunk's) start, under its number."""
         self.say("pid %d from %s" % (number, peer[0]))
         self.say("ok %d %s" % (number, fields))
@@ -3321,7 +3337,7 @@ class _CallHandler(_CommandConnection, ThunkHandler):
         self.status = 0
 
 
-def _command_target(options: _Options) -> Tuple[Any, Optional[_Thunk]]:
+def _command_target(options: _Options) -> Tuple[Any, Optional[Callable[[], Any]]]:
     """Return the handler class and thunk that serve what the command names."""
     if not options.call:
         if shutil.which(options.program[0]) is None:
@@ -3336,8 +3352,9 @@ def _command_target(options: _Options) -> Tuple[Any, Optional[_Thunk]]:
     try:
         module = _load_module(module_name)
     except Exception as exc:  # the module's own failure, whatever it is
+        failure = traceback.format_exception_only(type(exc), exc)[-1]
         raise _UsageError("--call: cannot load %s: %s"
-                          % (module_name, _describe(exc))) from None
+                          % (module_name, failure.strip())) from None
     thunk = getattr(module, function_name, None)
     if not callable(thunk):
         raise _UsageError("--call: %s has no function %s"
@@ -3392,7 +3409,12 @@ def _tls_context(options: _Options) -> Any:
 def _command_listener(options: _Options) -> socket.socket:
     """Return the listening socket: HOST PORT's, or systemd's (--inherit)."""
     if not options.inherit:
-        return tcp_listen(options.port, options.backlog, options.host)
+        try:
+            return tcp_listen(options.port, options.backlog, options.host)
+        except OSError as exc:
+            raise _CommandError("fatal: unable to listen on %s port %d: %s"
+                                % (options.host or "::", options.port,
+                                   exc)) from None
     try:
         listeners = systemd_listeners()
     except (OSError, ValueError) as exc:
@@ -3428,45 +3450,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if options.help:
             print(_HELP)
             return 0
-        handler, thunk = _command_target(options)
-        context = _tls_context(options)
-        if options.timeout is not None:
-            import ssl  # noqa: F401  # for _Pump, while we may read the files
-    except _UsageError as exc:
-        sys.stderr.write("tcpserver: usage error: %s (see --help)\n" % exc)
-        return _EXIT_USAGE
-    try:
-        listener = _command_listener(options)
-    except _UsageError as exc:
-        sys.stderr.write("tcpserver: usage error: %s (see --help)\n" % exc)
-        return _EXIT_USAGE
-    except OSError as exc:
-        sys.stderr.write("tcpserver: fatal: unable to listen on %s port %d: %s\n"
-                         % (options.host or "::", options.port, exc))
-        return _EXIT_TEMPORARY
-    try:
-        server = _CommandServer.from_listener(
-            listener, handler, options=options, thunk=thunk,
-            max_requests=options.limit, max_per_client=options.per_client,
-            timeout=options.timeout, drain_timeout=options.drain,
-            ssl_context=context, proxy_protocol=options.proxy_protocol,
-            trusted_proxies=options.trusted_proxies)
-    except ValueError as exc:  # an inherited socket that is no TCP listener
-        listener.close()
-        sys.stderr.write("tcpserver: usage error: --inherit: %s (see --help)\n"
-                         % exc)
-        return _EXIT_USAGE
-    try:
-        _drop_privileges(options)
-    except OSError as exc:
-        server.server_close()
-        sys.stderr.write("tcpserver: fatal: unable to drop privileges: %s\n"
-                         % (exc,))
-        return _EXIT_TEMPORARY
+        server = _command_server(options)
+    except _CommandError as exc:
+        _say(str(exc))
+        return exc.code
 
     def ready() -> None:
         if options.print_port:
-            print(listener.getsockname()[1], flush=True)
+            print(server.server_address[1], flush=True)
         server.say("status: 0/%d" % options.limit)
 
     if options.workers > 1:
@@ -3475,6 +3466,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         server.serve_until_signalled(ready=ready)
     return 0
+
+
+def _command_server(options: _Options) -> "_CommandServer":
+    """Return the server the command line asks for, listening, with the
+    privileges dropped; raise _CommandError if that cannot be."""
+    handler, thunk = _command_target(options)
+    context = _tls_context(options)
+    if options.timeout is not None:
+        import ssl  # noqa: F401  # for _Pump, while we may read the files
+    listener = _command_listener(options)
+    try:
+        server = _CommandServer.from_listener(
+            listener, handler, options=options, thunk=thunk,
+            max_requests=options.limit, max_per_client=options.per_client,
+            timeout=options.timeout, drain_timeout=options.drain,
+            ssl_context=context, proxy_protocol=options.proxy_protocol,
+            trusted_proxies=options.trusted_proxies)
+    except (TypeError, ValueError) as exc:  # a setting, or the listener
+        listener.close()
+        inherited = options.inherit and str(exc).startswith("listener ")
+        raise _UsageError("--inherit: %s" % exc if inherited
+                          else str(exc)) from None
+    try:
+        _drop_privileges(options)
+    except OSError as exc:
+        server.server_close()
+        raise _CommandError("fatal: unable to drop privileges: %s"
+                            % (exc,)) from None
+    return server
 
 
 if __name__ == "__main__":

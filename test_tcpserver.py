@@ -7,6 +7,7 @@ thread or file descriptor behind.  Tests driven by real client programs
 missing; .ci/run installs them.
 """
 
+import ast
 import errno
 import functools
 import gc
@@ -31,6 +32,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import types
 import unittest
 import unittest.mock
 import urllib.error
@@ -2849,6 +2851,43 @@ class TestModule(unittest.TestCase):
     def test_version(self):
         self.assertRegex(tcpserver.__version__, r"^\d+\.\d+\.\d+$")
 
+    def test_the_command_line_uses_only_the_librarys_public_names(self):
+        with open(tcpserver.__file__, encoding="utf-8") as module:
+            source = module.read()
+        banner = source.index("# The command line: python -m tcpserver")
+        library, command = source[:banner], source[banner:]
+        private = {node.name for node in ast.parse(library).body
+                   if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        private |= {target.id for node in ast.parse(library).body
+                    if isinstance(node, (ast.Assign, ast.AnnAssign))
+                    for target in getattr(node, "targets", [getattr(node, "target", None)])
+                    if isinstance(target, ast.Name)}
+        private = {name for name in private
+                   if name.startswith("_") and not name.endswith("__")}
+        used = {node.id for node in ast.walk(ast.parse(command)) if isinstance(node, ast.Name)}
+        self.assertEqual(sorted(private & used), [])
+
+    def test_the_library_serves_without_the_command_line(self):
+        # Who vendors the file may cut it at the command line's banner.
+        with open(tcpserver.__file__, encoding="utf-8") as module:
+            source = module.read()
+        library = source[:source.index("# The command line: python -m tcpserver")]
+        vendored = types.ModuleType("vendored")
+        exec(compile(library, "vendored.py", "exec"), vars(vendored))
+        self.assertEqual(set(vendored.__all__), set(tcpserver.__all__) - {"main"})
+        for name in vendored.__all__:
+            self.assertTrue(hasattr(vendored, name), name)
+        server = vendored.make_tcp_server(("127.0.0.1", 0), lambda: print("hi", input()))
+        thread = threading.Thread(target=server, kwargs={"poll_interval": 0.01})
+        thread.start()
+        try:
+            with socket.create_connection(server.server_address, timeout=TIMEOUT) as sock:
+                self.assertEqual(exchange(sock, b"you\n"), b"hi you\n")
+        finally:
+            server.shutdown()
+            thread.join(TIMEOUT)
+            server.server_close()
+
 
 
 # ---------------------------------------------------------------------------
@@ -3361,7 +3400,7 @@ class TestCommandLine(unittest.TestCase):
                                "-u, -g and -U need")):
             with self.subTest(args=args):
                 stderr = io.StringIO()
-                with unittest.mock.patch.object(tcpserver, "_POSIX", False), \
+                with unittest.mock.patch.object(tcpserver, "_POSIX_COMMAND", False), \
                         unittest.mock.patch.object(sys, "stderr", stderr):
                     self.assertEqual(tcpserver.main(args), 100)
                 self.assertRegex(stderr.getvalue(), r"^tcpserver: usage error: [^\n]+\n$")
