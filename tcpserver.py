@@ -25,20 +25,26 @@ The file reads top to bottom:
   tcp_abandon(); the PROXY protocol's read_proxy_header();
 - per-thread standard streams and current_connection();
 - the handler adapter, ThunkHandler;
-- the server, ThreadingTCPServer, with TLS, the PROXY protocol, limits,
-  the drain and worker processes;
+- the server's settings (one table, checked in one place) and its
+  helpers, one job each: _Slots (slots, open requests, counters),
+  _RequestThreads (spare threads, the drain), _AcceptLoop, _ConnectionSetup
+  (TLS, the PROXY protocol), _StopSignals, _WorkerProcesses;
+- the server, ThreadingTCPServer, which keeps socketserver's override
+  points and hands the work to those helpers;
 - the factory, make_tcp_server();
 - the command line, ``python -m tcpserver`` (main()), after ucspi-tcp's
   tcpserver.
 
-Thread model: serve_forever() runs the accept loop in the caller's thread.
-Before each accept it waits for one of max_requests slots, so clients
-beyond the limit wait in the kernel's listen queue, in order.  Each
-accepted connection gets a thread of its own, which computes the
-addresses (for TLS: runs the handshake), runs the handler (for
-ThunkHandler: the thunk) and closes the connection; closing gives the slot
-back.  server_close(), in the caller's thread, drains: it waits for the
-request threads, then resets the connections of those that do not end.
+Thread model: serve_forever() runs the accept loop in the caller's thread;
+shutdown(), from another thread, ends it at once.  Before each accept the
+loop waits for one of max_requests slots, so clients beyond the limit wait
+in the kernel's listen queue, in order.  Each accepted connection goes to
+a request thread (a spare one, or a new one), which reads a PROXY header
+and runs the TLS handshake if the settings say so, finds the addresses,
+runs the handler (for ThunkHandler: the thunk) and closes the connection;
+closing gives the slot back, and the thread waits as a spare for the next.
+server_close(), in the caller's thread, drains: it waits for the request
+threads, then resets the connections of those that do not end.
 """
 
 __version__ = "0.2.0"
