@@ -3100,6 +3100,38 @@ def run_command(*args, **kwargs):
                           capture_output=True, timeout=TIMEOUT, **kwargs)
 
 
+def call_main(args):
+    """Call tcpserver.main(args) in this process; return (exit code, stdout, stderr).
+
+    For command lines that end before serving, without the start of an
+    interpreter.  tcp_listen() may fail as it does, but if it succeeds
+    its socket is closed and AssertionError raised: a command line that
+    would serve (until a signal) fails the test instead of hanging it.
+    """
+    real_tcp_listen = tcpserver.tcp_listen
+
+    def tcp_listen(*listen_args, **kwargs):
+        real_tcp_listen(*listen_args, **kwargs).close()
+        raise AssertionError("main(%r) listened" % (args,))
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with unittest.mock.patch.object(tcpserver, "tcp_listen", tcp_listen), \
+            unittest.mock.patch.object(sys, "stdout", stdout), \
+            unittest.mock.patch.object(sys, "stderr", stderr):
+        code = tcpserver.main(args)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def assert_usage_error(test, args, message=""):
+    """Assert that main(args) exits 100 with one usage line, before it
+    listens, and that the line holds message; return the line."""
+    code, stdout, stderr = call_main(args)
+    test.assertEqual((code, stdout), (100, ""), stderr)
+    test.assertRegex(stderr, r"^tcpserver: usage error: [^\n]+\n$")
+    test.assertIn(message, stderr)
+    return stderr
+
+
 def pid_gone(pid):
     """True if no process pid exists (it was reaped), waiting up to TIMEOUT."""
     deadline = time.monotonic() + TIMEOUT
@@ -3295,11 +3327,7 @@ class TestCommandLine(unittest.TestCase):
                 ("no_such_module:f", "cannot load no_such_module: ModuleNotFoundError"),
                 ("nocolon", "--call needs FILE.py:FUNCTION or MODULE:FUNCTION")):
             with self.subTest(target=target):
-                stderr = io.StringIO()
-                with unittest.mock.patch.object(sys, "stderr", stderr):
-                    self.assertEqual(tcpserver.main(["127.0.0.1", "0", "--call", target]), 100)
-                self.assertRegex(stderr.getvalue(), r"^tcpserver: usage error: [^\n]+\n$")
-                self.assertIn(message, stderr.getvalue())
+                assert_usage_error(self, ["127.0.0.1", "0", "--call", target], message)
         self.assertNotIn("broken", sys.modules)
 
     def test_what_needs_posix_is_one_usage_line_elsewhere(self):
@@ -3307,19 +3335,14 @@ class TestCommandLine(unittest.TestCase):
                               (["-w", "2", "127.0.0.1", "0", "--call", "m:f"], "-w needs"),
                               (["-u", "1", "127.0.0.1", "0", "--call", "m:f"],
                                "-u, -g and -U need")):
-            with self.subTest(args=args):
-                stderr = io.StringIO()
-                with unittest.mock.patch.object(tcpserver, "_POSIX", False), \
-                        unittest.mock.patch.object(sys, "stderr", stderr):
-                    self.assertEqual(tcpserver.main(args), 100)
-                self.assertRegex(stderr.getvalue(), r"^tcpserver: usage error: [^\n]+\n$")
-                self.assertIn(message, stderr.getvalue())
-                self.assertIn("--call FILE.py:FUNCTION", stderr.getvalue())
+            with self.subTest(args=args), unittest.mock.patch.object(tcpserver, "_POSIX", False):
+                line = assert_usage_error(self, args, message)
+                self.assertIn("--call FILE.py:FUNCTION", line)
 
     def test_the_help_examples_work_from_another_directory(self):
         elsewhere = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, elsewhere)
-        examples = run_command("--help").stdout.decode().split("examples:\n")[1]
+        examples = call_main(["--help"])[1].split("examples:\n")[1]
         echo, call = [line.strip() for line in examples.splitlines() if "hello" in line]
         subprocess.run(echo, shell=True, cwd=elsewhere, check=True, timeout=TIMEOUT)
         self.assertEqual(call, "python -m tcpserver -1 127.0.0.1 0 --call hello.py:hello")
@@ -3591,6 +3614,11 @@ class TestCommandLine(unittest.TestCase):
         self.assertEqual(server.stop()[0], 0)
 
     def test_usage_errors_exit_100_with_one_line(self):
+        # The whole command, once: main()'s 100 is the process's exit status.
+        result = run_command("-z", "127.0.0.1", "0", "cat")
+        self.assertEqual(result.returncode, 100)
+        self.assertRegex(result.stderr.decode(), r"^tcpserver: usage error: [^\n]+\n$")
+        # Each usage error, in this process.
         for args in (["-c", "0", "127.0.0.1", "0", "cat"], ["-z", "127.0.0.1", "0", "cat"],
                      ["127.0.0.1"], ["127.0.0.1", "0"], ["127.0.0.1", "no-such-port", "cat"],
                      ["127.0.0.1", "0", "no-such-program-here"],
@@ -3603,21 +3631,18 @@ class TestCommandLine(unittest.TestCase):
                      ["-b", "99999999999", "127.0.0.1", "0", "cat"],
                      ["127.0.0.1", "70000", "cat"]):
             with self.subTest(args=args):
-                result = run_command(*args)
-                self.assertEqual(result.returncode, 100)
-                self.assertRegex(result.stderr.decode(), r"^tcpserver: usage error: [^\n]+\n$")
+                assert_usage_error(self, args)
 
     def test_address_in_use_exits_111(self):
         with tcpserver.tcp_listen(0, host="127.0.0.1") as taken:
-            result = run_command("127.0.0.1", str(taken.getsockname()[1]), "cat")
-        self.assertEqual(result.returncode, 111)
-        self.assertRegex(result.stderr.decode(), r"^tcpserver: fatal: unable to listen on "
-                                                 r"127\.0\.0\.1 port \d+: .*in use.*\n$")
+            code, _, stderr = call_main(["127.0.0.1", str(taken.getsockname()[1]), "cat"])
+        self.assertEqual(code, 111)
+        self.assertRegex(stderr, r"^tcpserver: fatal: unable to listen on "
+                                 r"127\.0\.0\.1 port \d+: .*in use.*\n$")
 
     def test_help(self):
-        result = run_command("--help")
-        self.assertEqual(result.returncode, 0)
-        text = result.stdout.decode()
+        code, text, stderr = call_main(["--help"])
+        self.assertEqual((code, stderr), (0, ""))
         self.assertIn("usage: python -m tcpserver", text)
         for option in ("-c N", "-x FILE", "--call", "--per-client", "--tls-cert", "Exit codes"):
             self.assertIn(option, text)
@@ -3886,9 +3911,7 @@ class TestSocketActivation(unittest.TestCase):
         self.assertEqual(tcpserver.systemd_listeners(), [])  # not for this process
 
     def test_inherit_without_a_socket(self):
-        result = run_command("--inherit", "cat")
-        self.assertEqual(result.returncode, 100)
-        self.assertIn("--inherit needs one socket from systemd", result.stderr.decode())
+        assert_usage_error(self, ["--inherit", "cat"], "--inherit needs one socket from systemd")
 
     def test_inherit_a_socket_that_cannot_serve(self):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram, \
