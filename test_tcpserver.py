@@ -117,6 +117,126 @@ def reset(sock):
     sock.close()
 
 
+def environment(extra=None):
+    """os.environ for a program the tests run: tcpserver importable, plus extra."""
+    env = dict(os.environ, PYTHONPATH=HERE)
+    env.update(extra or {})
+    return env
+
+
+def run_python(args, env=None, **kwargs):
+    """Run Python with args to its end, in the clone (see environment());
+    return the CompletedProcess, with stdout and stderr captured."""
+    return subprocess.run([sys.executable] + args, cwd=HERE, env=environment(env),
+                          capture_output=True, timeout=TIMEOUT, **kwargs)
+
+
+class Program:
+    """A program run beside a test (see environment()), killed when the test ends.
+
+    Threads collect its output as it comes: lines["stdout"] and
+    lines["stderr"] keep the first 1000 lines of each, so a runaway program
+    cannot fill memory; seen counts them all; closed names the pipes at
+    their end; changed is notified for each line and each end.  Unless
+    ready is None, the constructor waits until ready's pattern matches what
+    came on ready's pipe; the pattern's first group, if it has one, is the
+    port the program serves (the default reads the line of a -1 option).
+    """
+
+    def __init__(self, test, argv, env=None, cwd=HERE, ready=("stdout", r"\A(\d+)\n"),
+                 **popen):
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=environment(env), cwd=cwd,
+                                        **popen)
+        self.lines = {"stdout": [], "stderr": []}
+        self.seen = {"stdout": 0, "stderr": 0}
+        self.closed = set()
+        self.changed = threading.Condition()
+        self.readers = [threading.Thread(target=self._collect, args=(name,), name="read " + name)
+                        for name in self.lines]
+        for reader in self.readers:
+            reader.start()
+        test.addCleanup(self.close)
+        self.port = None
+        if ready is not None:
+            found = self.wait_for(ready[1], ready[0])
+            if found.re.groups:
+                self.port = int(found.group(1))
+
+    def _collect(self, name):
+        for raw in getattr(self.process, name):
+            with self.changed:
+                self.seen[name] += 1
+                if len(self.lines[name]) < 1000:
+                    self.lines[name].append(raw.decode("utf-8", "replace"))
+                self.changed.notify_all()
+        with self.changed:
+            self.closed.add(name)  # the program has closed it, or ended
+            self.changed.notify_all()
+
+    def text(self, name="stderr"):
+        """Return what came on the pipe name so far (its first 1000 lines)."""
+        with self.changed:
+            return "".join(self.lines[name])
+
+    def wait_until(self, predicate, timeout=TIMEOUT):
+        """Wait until predicate() is true, for timeout seconds at most; return it."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+    def wait_for(self, pattern, name="stderr"):
+        """Wait until what came on the pipe name matches pattern; return the match.
+
+        Fails the test if it does not within TIMEOUT, or if the pipe ends first.
+        """
+        def search():
+            return re.search(pattern, "".join(self.lines[name]))
+
+        with self.changed:
+            self.changed.wait_for(lambda: search() or name in self.closed, TIMEOUT)
+            found = search()
+        if not found:
+            raise AssertionError("no match for %r on the %s of %s: %r; stderr: %r"
+                                 % (pattern, name, self.process.args, self.text(name),
+                                    self.text("stderr")))
+        return found
+
+    def proc(self, name):
+        """Return the text of the program's /proc/PID/<name>."""
+        with open("/proc/%d/%s" % (self.process.pid, name)) as file:
+            return file.read()
+
+    def connect(self):
+        return socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+
+    def talk(self, data=b""):
+        """Send data, end our side, return what came back."""
+        with self.connect() as sock:
+            return exchange(sock, data)
+
+    def wait(self):
+        """Wait until the program ends; return (exit code, what it wrote on stderr)."""
+        code = self.process.wait(TIMEOUT)
+        for reader in self.readers:
+            reader.join(TIMEOUT)
+        return code, self.text("stderr")
+
+    def stop(self, signum=signal.SIGTERM):
+        """Send signum, then wait(): return (exit code, what it wrote on stderr)."""
+        self.process.send_signal(signum)
+        return self.wait()
+
+    def close(self):
+        """Kill the program if it runs, and close its pipes; may be called again."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(TIMEOUT)
+        for reader in self.readers:
+            reader.join(TIMEOUT)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
 class ServerTestCase(unittest.TestCase):
     """Starts servers in threads and checks that each test cleans up."""
 
@@ -1781,17 +1901,13 @@ class TestDrain(ServerTestCase):
         self.assertEqual(list(server.stats()), list(eval(shown)))  # the README's order
 
     def test_example_drains_on_sigterm(self):
-        process = subprocess.Popen([sys.executable, os.path.join(HERE, "example_daytime.py"),
-                                    "0"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-        self.addCleanup(process.stderr.close)
-        self.addCleanup(process.kill)
-        port = int(re.search(r"port (\d+)", process.stderr.readline().decode()).group(1))
-        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        example = Program(self, [sys.executable, os.path.join(HERE, "example_daytime.py"), "0"],
+                          ready=("stderr", r"\A.*port (\d+)"))
+        with example.connect() as sock:
             self.assertTrue(read_all(sock).endswith(b"\n"))
-        process.send_signal(signal.SIGTERM)
-        rest = process.stderr.read().decode()
-        self.assertEqual(process.wait(TIMEOUT), 0)
-        self.assertNotIn("Traceback", rest)
+        code, log = example.stop(signal.SIGTERM)
+        self.assertEqual(code, 0)
+        self.assertNotIn("Traceback", log)
 
 
 class TestClientLimits(ServerTestCase):
@@ -2081,81 +2197,20 @@ class TestSoakAndFaults(ServerTestCase):
             sender.join(TIMEOUT)
         return b"".join(chunks), (errors[0] if errors else None)
 
-    class Child:
-        """A Python subprocess whose output lines threads collect as they come.
-
-        lines["stdout"] and lines["stderr"] keep the first 1000 lines each,
-        so a runaway child cannot fill memory; seen counts them all, closed
-        names the pipes at their end.  changed is notified for each line and
-        each end.  end() stops the child, joins
-        the threads and closes the pipes; it may be called again.
-        """
-
-        def __init__(self, script):
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", script], stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            self.lines = {"stdout": [], "stderr": []}
-            self.seen = {"stdout": 0, "stderr": 0}
-            self.closed = set()  # the names of the pipes at their end
-            self.changed = threading.Condition()
-            self.readers = [threading.Thread(target=self._collect, args=(name,),
-                                             name="read " + name)
-                            for name in self.lines]
-            for reader in self.readers:
-                reader.start()
-
-        def _collect(self, name):
-            for raw in getattr(self.process, name):
-                with self.changed:
-                    self.seen[name] += 1
-                    if len(self.lines[name]) < 1000:
-                        self.lines[name].append(raw.decode("utf-8", "replace"))
-                    self.changed.notify_all()
-            with self.changed:
-                self.closed.add(name)  # the child has closed it, or died
-                self.changed.notify_all()
-
-        def wait_for(self, predicate, timeout):
-            with self.changed:
-                return self.changed.wait_for(predicate, timeout)
-
-        def proc(self, name):
-            """Return the text of the child's /proc/PID/<name>."""
-            with open("/proc/%d/%s" % (self.process.pid, name)) as file:
-                return file.read()
-
-        def end(self):
-            if self.process.poll() is None:
-                self.process.terminate()
-            try:
-                self.process.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(TIMEOUT)
-            for reader in self.readers:
-                reader.join(TIMEOUT)
-            self.process.stdout.close()
-            self.process.stderr.close()
-
     def spawn_server(self, body):
         """Serve a thunk in a subprocess, with debug on; return (child, port).
 
         body defines thunk() and may fill the dict settings with keywords for
         make_tcp_server().  The server's diagnostics are child.lines["stderr"].
         """
-        script = ("import sys\nsys.path.insert(0, %r)\nimport tcpserver\nsettings = {}\n"
-                  % HERE + textwrap.dedent(body) + textwrap.dedent("""
+        script = ("import tcpserver\nsettings = {}\n" + textwrap.dedent(body)
+                  + textwrap.dedent("""
                   server = tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, **settings)
                   print(server.server_address[1], flush=True)
                   server(debug=True)
                   """))
-        child = self.Child(script)
-        self.addCleanup(child.end)
-        child.wait_for(lambda: child.lines["stdout"] or "stdout" in child.closed, TIMEOUT)
-        self.assertTrue(child.lines["stdout"], "the server did not start: %s"
-                        % "".join(child.lines["stderr"])[-2000:])
-        return child, int(child.lines["stdout"][0])
+        child = Program(self, [sys.executable, "-c", script])
+        return child, child.port
 
     def connect_to(self, port):
         """Connect to a server in a subprocess; the socket is closed when the test ends."""
@@ -2452,9 +2507,9 @@ class TestSoakAndFaults(ServerTestCase):
         clients = []
         for number in range(1, fd_limit + 1):
             clients.append(self.connect_to(port))
-            self.assertTrue(child.wait_for(
-                lambda number=number: count("accept failed") or count("request %d from" % number),
-                TIMEOUT), tail())
+            self.assertTrue(child.wait_until(
+                lambda number=number: count("accept failed") or count("request %d from" % number)),
+                tail())
             if count("accept failed"):
                 break
         self.assertEqual(count("accept failed: [Errno 24]"), 1, tail())
@@ -2462,19 +2517,18 @@ class TestSoakAndFaults(ServerTestCase):
         # Out of descriptors for 2 s, the server logs nothing more and, backing
         # off, hardly uses the CPU: a loop retrying at once uses the whole 2 s.
         before, lines_before = cpu_seconds(), child.seen["stderr"]
-        self.assertFalse(child.wait_for(lambda: child.seen["stderr"] > lines_before, 2.0),
+        self.assertFalse(child.wait_until(lambda: child.seen["stderr"] > lines_before, 2.0),
                          tail())
         self.assertLess(cpu_seconds() - before, 0.3)
 
         # Descriptors come back: the waiting client is served, then a new one.
         for sock in clients:
             sock.close()
-        self.assertTrue(child.wait_for(lambda: count(" finished (") == len(clients),
-                                       TIMEOUT), tail())
+        self.assertTrue(child.wait_until(lambda: count(" finished (") == len(clients)), tail())
         with self.connect_to(port) as sock:
             sock.sendall(b"ping\n")
             self.assertEqual(read_all(sock), b"ping\n")
-        child.end()
+        child.close()  # every line it wrote is read
         self.assertEqual(count("accept failed"), 1, tail())
         self.assertEqual(count("accept works again"), 1, tail())
 
@@ -2648,21 +2702,15 @@ class TestRealClients(ServerTestCase):
 class TestExample(ServerTestCase):
 
     def test_daytime_example_serves_and_stops_on_ctrl_c(self):
-        process = subprocess.Popen([sys.executable, os.path.join(HERE, "example_daytime.py"),
-                                    "0", "--debug"], stderr=subprocess.PIPE,
-                                   stdout=subprocess.DEVNULL)
-        self.addCleanup(process.stderr.close)
-        self.addCleanup(process.kill)
-        banner = process.stderr.readline().decode()
-        port = int(re.search(r"port (\d+)", banner).group(1))
-        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        example = Program(self, [sys.executable, os.path.join(HERE, "example_daytime.py"),
+                                 "0", "--debug"], ready=("stderr", r"\A.*port (\d+)"))
+        with example.connect() as sock:
             line = read_all(sock).decode()
         self.assertRegex(line, r"^\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\n$")
-        process.send_signal(signal.SIGINT)
-        rest = process.stderr.read().decode()
-        self.assertEqual(process.wait(TIMEOUT), 0)
-        self.assertIn("[tcp-server] request 1 from 127.0.0.1;", rest)
-        self.assertNotIn("Traceback", rest)
+        code, log = example.stop(signal.SIGINT)
+        self.assertEqual(code, 0)
+        self.assertIn("[tcp-server] request 1 from 127.0.0.1;", log)
+        self.assertNotIn("Traceback", log)
 
 
 class TestReadmeFirstScreen(unittest.TestCase):
@@ -2679,18 +2727,10 @@ class TestReadmeFirstScreen(unittest.TestCase):
             script.write(code.replace("6504", "0").replace("6505", "0"))
 
     def start(self, name):
-        """Run the script name; return (process, the port it says it serves)."""
-        process = subprocess.Popen([sys.executable, name], cwd=self.directory,
-                                   env=dict(os.environ, PYTHONPATH=HERE),
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.addCleanup(process.stderr.close)
-        self.addCleanup(process.stdout.close)
-        self.addCleanup(process.kill)
-        line = process.stdout.readline().decode()
-        found = re.match(r"serving (TLS )?on port (\d+)\n$", line)
-        if not found:
-            raise AssertionError("%s printed %r %r" % (name, line, process.stderr.read()))
-        return process, found.group(2)
+        """Run the script name; return (its Program, the port it says it serves, as text)."""
+        script = Program(self, [sys.executable, name], cwd=self.directory,
+                         ready=("stdout", r"\Aserving (?:TLS )?on port (\d+)\n"))
+        return script, str(script.port)
 
     def shell(self, command, port, **kwargs):
         """Run one of the README's shell commands, with port for its own."""
@@ -2698,10 +2738,8 @@ class TestReadmeFirstScreen(unittest.TestCase):
                               shell=True, cwd=self.directory, capture_output=True,
                               timeout=TIMEOUT, **kwargs)
 
-    def stop(self, process):
-        process.send_signal(signal.SIGINT)  # Ctrl-C
-        self.assertEqual(process.wait(TIMEOUT), 0)
-        self.assertEqual(process.stderr.read(), b"")  # no traceback
+    def stop(self, script):
+        self.assertEqual(script.stop(signal.SIGINT), (0, ""))  # Ctrl-C; no traceback
 
     def test_the_ten_lines_serve_and_stop_on_ctrl_c(self):
         process, port = self.start("greet.py")
@@ -2747,8 +2785,7 @@ class TestExampleErrors(unittest.TestCase):
     def test_port_in_use_is_one_line_and_exit_1(self):
         with tcpserver.tcp_listen(0) as taken:
             port = taken.getsockname()[1]
-            result = subprocess.run([sys.executable, os.path.join(HERE, "example_daytime.py"),
-                                     str(port)], capture_output=True, timeout=TIMEOUT)
+            result = run_python([os.path.join(HERE, "example_daytime.py"), str(port)])
         self.assertEqual(result.returncode, 1)
         self.assertRegex(result.stderr.decode(), r"^cannot listen on port %d: .*in use.*\n$" % port)
 
@@ -3030,74 +3067,12 @@ class TestProxyProtocol(ServerTestCase):
 UCSPI = "/usr/bin/tcpserver"  # ucspi-tcp's, from the Debian package
 
 
-class CommandLine:
+class CommandLine(Program):
     """A tcpserver command (ours, or ucspi-tcp's) run with -1 on port 0."""
 
     def __init__(self, test, args, command=None, env=None, cwd=HERE):
-        self.command = command or [sys.executable, "-m", "tcpserver"]
-        environment = dict(os.environ, PYTHONPATH=HERE)
-        environment.update(env or {})
-        self.process = subprocess.Popen(self.command + args, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, env=environment, cwd=cwd)
-        self.lines = []
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self.read_stderr, name="stderr")
-        self.reader.start()
-        test.addCleanup(self.close)
-        line = self.process.stdout.readline()
-        if not line.strip().isdigit():
-            self.close()
-            raise AssertionError("no port from %s: %r %r" % (args, line, self.stderr))
-        self.port = int(line)
-
-    def read_stderr(self):
-        for line in self.process.stderr:
-            with self.changed:
-                self.lines.append(line.decode())
-                self.changed.notify_all()
-
-    @property
-    def stderr(self):
-        with self.changed:
-            return "".join(self.lines)
-
-    def wait_for(self, pattern):
-        """Wait until stderr so far matches pattern; return the match."""
-        with self.changed:
-            found = self.changed.wait_for(
-                lambda: re.search(pattern, "".join(self.lines)), TIMEOUT)
-        if not found:
-            raise AssertionError("no line matches %r in %r" % (pattern, self.stderr))
-        return found
-
-    def connect(self):
-        return socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
-
-    def talk(self, data=b""):
-        """Send data, end our side, return what came back."""
-        with self.connect() as sock:
-            return exchange(sock, data)
-
-    def stop(self, signum=signal.SIGTERM):
-        """Signal the command, return (exit code, everything it wrote on stderr)."""
-        self.process.send_signal(signum)
-        code = self.process.wait(TIMEOUT)
-        self.reader.join(TIMEOUT)
-        return code, self.stderr
-
-    def close(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(TIMEOUT)
-        self.reader.join(TIMEOUT)
-        self.process.stdout.close()
-        self.process.stderr.close()
-
-
-def run_command(*args, **kwargs):
-    """Run python -m tcpserver to its end; return the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "tcpserver"] + list(args), cwd=HERE,
-                          capture_output=True, timeout=TIMEOUT, **kwargs)
+        super().__init__(test, (command or [sys.executable, "-m", "tcpserver"]) + args,
+                         env=env, cwd=cwd)
 
 
 def call_main(args):
@@ -3615,7 +3590,7 @@ class TestCommandLine(unittest.TestCase):
 
     def test_usage_errors_exit_100_with_one_line(self):
         # The whole command, once: main()'s 100 is the process's exit status.
-        result = run_command("-z", "127.0.0.1", "0", "cat")
+        result = run_python(["-m", "tcpserver", "-z", "127.0.0.1", "0", "cat"])
         self.assertEqual(result.returncode, 100)
         self.assertRegex(result.stderr.decode(), r"^tcpserver: usage error: [^\n]+\n$")
         # Each usage error, in this process.
@@ -3773,8 +3748,7 @@ class TestRules(unittest.TestCase):
             client.start()
         for client in clients:
             client.join(TIMEOUT)
-        with open("/proc/%d/status" % server.process.pid) as status:
-            peak = int(re.search(r"^VmHWM:\s+(\d+) kB", status.read(), re.M).group(1))
+        peak = int(re.search(r"^VmHWM:\s+(\d+) kB", server.proc("status"), re.M).group(1))
         self.assertEqual(replies, [b"yes\n"] * 40)
         self.assertLess(peak, 60 * 1024, "peak RSS in kB")
         self.assertEqual(server.stop()[0], 0)
@@ -3813,20 +3787,7 @@ class TestHAProxy(unittest.TestCase):
             args[args.index(str(documented))] = str(ports[documented])
             args[-1:] = ["sh", "-c", "read token; echo $token $TCPREMOTEIP $TCPREMOTEPORT " + name]
             self.servers[name] = CommandLine(self, ["-1"] + args)
-        haproxy = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE)
-        self.haproxy_lines = lines = []
-        reader = threading.Thread(target=lambda: lines.extend(
-            line.decode(errors="replace") for line in haproxy.stderr), name="haproxy-stderr")
-        reader.start()
-        self.addCleanup(self.stop_haproxy, haproxy, reader)
-
-    @staticmethod
-    def stop_haproxy(haproxy, reader):
-        haproxy.terminate()
-        haproxy.wait(TIMEOUT)
-        reader.join(TIMEOUT)
-        haproxy.stderr.close()
+        self.haproxy = Program(self, ["haproxy", "-db", "-f", path], ready=None)
 
     def client(self, token):
         """One client through the balancer; return (reply fields, our port)."""
@@ -3860,10 +3821,7 @@ class TestHAProxy(unittest.TestCase):
         self.assertEqual(seen, {"one", "two"})  # balanced over both
         code, _ = self.servers["one"].stop()
         self.assertEqual(code, 0)
-        deadline = time.monotonic() + TIMEOUT
-        while not any("one is DOWN" in line for line in self.haproxy_lines):
-            self.assertLess(time.monotonic(), deadline, "haproxy never saw it stop")
-            time.sleep(0.05)
+        self.haproxy.wait_for("one is DOWN")
         for number in range(40):
             token = "after-%d" % number
             fields, port = self.client(token)
@@ -3880,20 +3838,15 @@ class TestSocketActivation(unittest.TestCase):
         unit = readme_code("ExecStart=")
         command = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1).split()
         self.assertEqual(command[:5], ["/usr/bin/python3", "-m", "tcpserver", "--inherit", "-v"])
-        process = subprocess.Popen(
-            ["systemd-socket-activate", "-l", "127.0.0.1:%d" % port, "-E", "PYTHONPATH=" + HERE,
-             sys.executable] + command[1:],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.addCleanup(process.stderr.close)
-        self.addCleanup(process.kill)
-        self.assertIn(b"Listening on", process.stderr.readline())
+        activator = Program(self, ["systemd-socket-activate", "-l", "127.0.0.1:%d" % port,
+                                   "-E", "PYTHONPATH=" + HERE, sys.executable] + command[1:],
+                            ready=("stderr", r"\A.*Listening on"))
         for _ in range(3):  # the first connection starts the server; it serves the rest
             with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
                 self.assertRegex(read_all(sock).decode(), r"^\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d "
                                                           r"\w+ \d{4}\n$")
-        process.send_signal(signal.SIGTERM)  # systemd-socket-activate has become our server
-        log = process.stderr.read().decode()
-        self.assertEqual(process.wait(TIMEOUT), 0)
+        code, log = activator.stop()  # systemd-socket-activate has become our server
+        self.assertEqual(code, 0)
         self.assertEqual(log.count("tcpserver: end "), 3)
 
     def test_systemd_listeners(self):
@@ -3901,11 +3854,10 @@ class TestSocketActivation(unittest.TestCase):
             code = ("import os, tcpserver; listeners = tcpserver.systemd_listeners(); "
                     "print(len(listeners), listeners[0].getsockname()[1], "
                     "'LISTEN_FDS' in os.environ, tcpserver.systemd_listeners())")
-            result = subprocess.run(
-                [sys.executable, "-c", "import os; os.environ['LISTEN_PID'] = str(os.getpid()); "
+            result = run_python(
+                ["-c", "import os; os.environ['LISTEN_PID'] = str(os.getpid()); "
                  "os.dup2(%d, 3); exec(%r)" % (listener.fileno(), code)],
-                env=dict(os.environ, PYTHONPATH=HERE, LISTEN_FDS="1"), pass_fds=[listener.fileno()],
-                capture_output=True, timeout=TIMEOUT)
+                env={"LISTEN_FDS": "1"}, pass_fds=[listener.fileno()])
             self.assertEqual(result.stdout.decode(),
                              "1 %d False []\n" % listener.getsockname()[1], result.stderr)
         self.assertEqual(tcpserver.systemd_listeners(), [])  # not for this process
@@ -3921,9 +3873,8 @@ class TestSocketActivation(unittest.TestCase):
                 code = ("import os, sys; os.dup2(%d, 3); os.environ['LISTEN_PID'] = "
                         "str(os.getpid()); import tcpserver; sys.exit(tcpserver.main("
                         "['--inherit', 'cat']))" % sock.fileno())
-                result = subprocess.run([sys.executable, "-c", code], pass_fds=[sock.fileno()],
-                                        env=dict(os.environ, PYTHONPATH=HERE, LISTEN_FDS="1"),
-                                        capture_output=True, timeout=TIMEOUT)
+                result = run_python(["-c", code], env={"LISTEN_FDS": "1"},
+                                    pass_fds=[sock.fileno()])
                 with self.subTest(message=message):
                     self.assertEqual(result.returncode, 100)
                     self.assertRegex(result.stderr.decode(),
@@ -3948,16 +3899,11 @@ print("supervisor done", flush=True)
 class TestWorkers(unittest.TestCase):
 
     def start(self, workers, own_group=False):
-        """Run WORKERS_SCRIPT (in a process group of its own if own_group)."""
-        process = subprocess.Popen([sys.executable, "-c", WORKERS_SCRIPT, str(workers)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env=dict(os.environ, PYTHONPATH=HERE),
-                                   start_new_session=own_group)
-        self.addCleanup(process.stderr.close)
-        self.addCleanup(process.stdout.close)
-        self.addCleanup(process.kill)
-        self.port = int(process.stdout.readline())
-        return process
+        """Run WORKERS_SCRIPT (in a process group of its own if own_group); return its Program."""
+        supervisor = Program(self, [sys.executable, "-c", WORKERS_SCRIPT, str(workers)],
+                             start_new_session=own_group)
+        self.port = supervisor.port
+        return supervisor
 
     def ask(self, text="x"):
         """One request; return the pid of the worker that served it."""
@@ -3977,9 +3923,9 @@ class TestWorkers(unittest.TestCase):
         return pids
 
     def test_workers_share_the_port_and_a_dead_one_is_replaced(self):
-        process = self.start(2)
+        supervisor = self.start(2)
         first = self.pids_serving(2)
-        self.assertNotIn(process.pid, first)
+        self.assertNotIn(supervisor.process.pid, first)
         victim = first.pop()
         os.kill(victim, signal.SIGKILL)
         self.assertTrue(pid_gone(victim))  # reaped by the supervisor
@@ -3989,36 +3935,36 @@ class TestWorkers(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline, "no replacement for %d" % victim)
             pids.add(self.ask())
         self.assertNotIn(victim, pids)
-        process.send_signal(signal.SIGTERM)
-        self.assertEqual(process.stdout.read(), b"supervisor done\n")
-        self.assertEqual(process.wait(TIMEOUT), 0)
-        self.assertIn("worker %d ended (wait status 9); starting another" % victim,
-                      process.stderr.read().decode())
+        code, log = supervisor.stop()
+        self.assertEqual(supervisor.text("stdout"), "%d\nsupervisor done\n" % self.port)
+        self.assertEqual(code, 0)
+        self.assertIn("worker %d ended (wait status 9); starting another" % victim, log)
         for pid in pids | first:
             self.assertTrue(pid_gone(pid))
 
     def test_sigterm_drains_every_worker(self):
-        process = self.start(2)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
+        supervisor = self.start(2)
+        with supervisor.connect() as sock:
             self.pids_serving(2)  # both run; our connection waits in a thunk's input()
-            process.send_signal(signal.SIGTERM)
+            supervisor.process.send_signal(signal.SIGTERM)
             sock.sendall(b"late\n")  # the reply shows the drain let the thunk finish
             pid, echoed = read_all(sock).decode().split()
         self.assertEqual(echoed, "late")
-        self.assertEqual(process.wait(TIMEOUT), 0)
+        self.assertEqual(supervisor.wait()[0], 0)
         self.assertTrue(pid_gone(int(pid)))
 
     def test_a_stop_of_the_whole_group_still_drains(self):
         # systemd (KillMode=control-group) and Ctrl-C signal every process:
         # each worker hears it twice, from the group and from the supervisor.
-        process = self.start(2, own_group=True)
-        with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
+        supervisor = self.start(2, own_group=True)
+        with supervisor.connect() as sock:
             self.pids_serving(2)
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(supervisor.process.pid, signal.SIGTERM)
             sock.sendall(b"late\n")
             self.assertEqual(read_all(sock).decode().split()[1], "late")
-        self.assertEqual(process.wait(TIMEOUT), 0)
-        self.assertNotIn("stopping at once", process.stderr.read().decode())
+        code, log = supervisor.wait()
+        self.assertEqual(code, 0)
+        self.assertNotIn("stopping at once", log)
 
     def test_the_listener_is_as_it_was_afterwards(self):
         # serve_workers() wants no threads before it, so a child process
@@ -4041,8 +3987,7 @@ class TestWorkers(unittest.TestCase):
                    "        if time.monotonic() > deadline: raise\n"
                    "sock.recv(10)\n"
                    "os.kill(int(sys.argv[2]), signal.SIGTERM)\n")
-        result = subprocess.run([sys.executable, "-c", code, stopper], capture_output=True,
-                                timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=HERE))
+        result = run_python(["-c", code, stopper])
         self.assertEqual(result.stdout, b"True None\n", result.stderr)
         self.assertEqual(result.returncode, 0)
 
@@ -4089,9 +4034,7 @@ class TestWorkers(unittest.TestCase):
                 "sys.exit(tcpserver.main(sys.argv[1:]))\n")
         for workers in (["-w", "2"], []):
             with self.subTest(workers=workers):
-                result = subprocess.run(
-                    [sys.executable, "-c", code, "-1", "-v"] + workers + ["127.0.0.1", "0", "cat"],
-                    capture_output=True, timeout=TIMEOUT, env=dict(os.environ, PYTHONPATH=HERE))
+                result = run_python(["-c", code, "-1", "-v"] + workers + ["127.0.0.1", "0", "cat"])
                 self.assertEqual(result.returncode, 0, result.stderr)
                 self.assertRegex(result.stdout, rb"^\d+\n$")
                 self.assertEqual(result.stderr, b"tcpserver: status: 0/40\n")
