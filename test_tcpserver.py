@@ -45,9 +45,9 @@ import tcpserver
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 10.0  # seconds: the bound of every wait in these tests
-# The soak and fuzz tests run at full size only with TCPSERVER_FULL_SOAK=1
+# The soak and fuzz tests run at full size only with TEST_FULL_SOAK=1
 # (as .ci/run does); otherwise smaller, down the same paths.
-FULL_SOAK = bool(os.environ.get("TCPSERVER_FULL_SOAK"))
+FULL_SOAK = bool(os.environ.get("TEST_FULL_SOAK"))
 
 if os.environ.get("TEST_PORTABLE_IO"):
     # The I/O a platform without poll(), and without socket descriptors that
@@ -2158,7 +2158,7 @@ class TestMaxLine(ServerTestCase):
 class TestSoakAndFaults(ServerTestCase):
     """Load, fuzzing and exhaustion: the server serves on and leaks nothing.
 
-    The soak and the fuzz run at full size with TCPSERVER_FULL_SOAK=1, else
+    The soak and the fuzz run at full size with TEST_FULL_SOAK=1, else
     smaller (a few seconds less): still more clients than slots at once.
     """
 
