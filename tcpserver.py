@@ -3478,22 +3478,25 @@ def _command_server(options: _Options) -> "_CommandServer":
     """Return the server the command line asks for, listening, with the
     privileges dropped; raise _CommandError if that cannot be."""
     handler, thunk = _command_target(options)
-    context = _tls_context(options)
+    settings = dict(options=options, thunk=thunk, max_requests=options.limit,
+                    max_per_client=options.per_client,
+                    timeout=options.timeout, drain_timeout=options.drain,
+                    ssl_context=_tls_context(options),
+                    proxy_protocol=options.proxy_protocol,
+                    trusted_proxies=options.trusted_proxies)
     if options.timeout is not None:
         import ssl  # noqa: F401  # for _Pump, while we may read the files
+    try:  # the settings first: a bad command line must not listen
+        _CommandServer(("", 0), handler, bind_and_activate=False,
+                       **settings).server_close()
+    except (TypeError, ValueError) as exc:
+        raise _UsageError(str(exc)) from None
     listener = _command_listener(options)
     try:
-        server = _CommandServer.from_listener(
-            listener, handler, options=options, thunk=thunk,
-            max_requests=options.limit, max_per_client=options.per_client,
-            timeout=options.timeout, drain_timeout=options.drain,
-            ssl_context=context, proxy_protocol=options.proxy_protocol,
-            trusted_proxies=options.trusted_proxies)
-    except (TypeError, ValueError) as exc:  # a setting, or the listener
+        server = _CommandServer.from_listener(listener, handler, **settings)
+    except (TypeError, ValueError) as exc:  # an inherited socket, not TCP
         listener.close()
-        inherited = options.inherit and str(exc).startswith("listener ")
-        raise _UsageError("--inherit: %s" % exc if inherited
-                          else str(exc)) from None
+        raise _UsageError("--inherit: %s" % exc) from None
     try:
         _drop_privileges(options)
     except OSError as exc:
