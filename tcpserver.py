@@ -2513,7 +2513,8 @@ options of our own:
   --per-client N          at most N connections from one IP address
   --timeout SECONDS       end a connection idle that long
   --drain SECONDS         on SIGTERM/SIGINT, let connections finish for
-                          this long (default 10), then reset them
+                          this long (default 10), then reset them (each
+                          step of the reset waits as long, 2 s at most)
   --tls-cert FILE, --tls-key FILE   serve TLS (PROGRAM is then fed by pipes)
   --tls-ca FILE           and require client certificates signed by FILE
   --proxy-protocol        behind HAProxy & co: take the client's address
@@ -3481,6 +3482,9 @@ def _command_server(options: _Options) -> "_CommandServer":
     settings = dict(options=options, thunk=thunk, max_requests=options.limit,
                     max_per_client=options.per_client,
                     timeout=options.timeout, drain_timeout=options.drain,
+                    # A short drain asks for a quick stop: so is the reset.
+                    reset_grace=min(ThreadingTCPServer.reset_grace,
+                                    max(options.drain, 0.05)),
                     ssl_context=_tls_context(options),
                     proxy_protocol=options.proxy_protocol,
                     trusted_proxies=options.trusted_proxies)

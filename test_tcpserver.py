@@ -1897,7 +1897,8 @@ class TestDrain(ServerTestCase):
                 sys.stdout.buffer.write(b"x" * 65536)
 
         server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk,
-                                                      drain_timeout=0.1), debug=True)
+                                                      drain_timeout=0.1, reset_grace=0.1),
+                            debug=True)
         sock = self.connect(server)
         self.assertTrue(started.wait(TIMEOUT))
         self.stop(server)
@@ -1954,8 +1955,9 @@ class TestDrain(ServerTestCase):
         self.stop(server)
         self.assertFalse(server.serving)
         stats = server.stats()
-        # The next client may come before the last request's thread closed.
-        self.assertIn(stats.pop("peak_active"), (1, 2))
+        # The next clients may come before the last requests' threads closed
+        # (a client sees the FIN before its request is counted out).
+        self.assertIn(stats.pop("peak_active"), range(1, 5))
         self.assertEqual(stats, {"accepted": 4, "active": 0, "completed": 2,
                                  "failed": 1, "refused": 1})
         with open(os.path.join(HERE, "README.rst"), encoding="utf-8") as readme:
