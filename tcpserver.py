@@ -71,6 +71,7 @@ __all__ = [
     "tcp_listen",
 ]
 
+import contextlib
 import errno
 import importlib.util
 import io
@@ -89,7 +90,20 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Set, Tuple, Type, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    NoReturn,
+    Optional,
+    Set,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+)
 
 #: Listen queue length of tcp_listen() and ThreadingTCPServer: as long as
 #: the OS allows, so clients waiting for a slot are queued, not refused.
@@ -122,6 +136,10 @@ _RESET_KINDS = frozenset(("error", "timed out", "line too long", "drained",
 
 # The arguments of the EOFError that input() raises at the end of input.
 _INPUT_EOF = ("EOF when reading a line",)
+
+# Connections the classic accept loop takes at most per wake-up, if they
+# are there: fewer wake-ups under a burst, as asyncio does.
+_ACCEPT_BATCH = 16
 
 # Request threads that must start at once, in a row, after failures to start
 # one, before the server says that threads start again.
@@ -474,6 +492,7 @@ class _Bound(threading.local):
 
     handler: Optional["ThunkHandler"] = None
     tls_error: Optional[OSError] = None  # the connection's, if it failed
+    leading = False  # the thread has the lead: it waits for connections
 
 
 _bound = _Bound()
@@ -1296,25 +1315,33 @@ class _Slots:
         return counts
 
 
+# A request thread's job: (request, client_address, thread name), or _LEAD.
+_Job = Tuple[Optional[socket.socket], _Address, str]
+
+# The job of waiting for connections, accepting, and handing this job on
+# to another thread before serving the connection: the lead.
+_LEAD: _Job = (None, (), "tcpserver-leader")
+
+
 class _RequestThread:
     """A request thread, and how to hand it its next job while it is spare.
 
-    job is (request, client_address, thread name) or None; wake is a lock
-    held while the thread waits, released to give it a job (or the end).
+    job is a _Job or None; wake is a lock held while the thread waits,
+    released to give it a job (or, with job None, the end).
     """
 
     __slots__ = ("thread", "job", "wake")
 
-    def __init__(self, job: Tuple[socket.socket, _Address, str],
-                 run: Callable[["_RequestThread"], None], daemon: bool) -> None:
-        self.job: Optional[Tuple[socket.socket, _Address, str]] = job
+    def __init__(self, job: _Job, run: Callable[["_RequestThread"], None],
+                 daemon: bool) -> None:
+        self.job: Optional[_Job] = job
         self.wake = threading.Lock()
         self.wake.acquire()
         self.thread = threading.Thread(target=run, args=(self,), name=job[2],
                                        daemon=daemon)
 
-    def hand(self, job: Tuple[socket.socket, _Address, str]) -> None:
-        """Give a spare thread its next job (None: end)."""
+    def hand(self, job: _Job) -> None:
+        """Give a spare thread its next job."""
         self.job = job
         self.wake.release()
 
@@ -1346,32 +1373,40 @@ class _RequestThreads:
         """Return a spare thread, taken off the list, or None.  Lock held."""
         return self.spare.pop() if self.spare else None
 
-    def start(self, job: Tuple[socket.socket, _Address, str]) -> bool:
+    def start(self, job: _Job) -> bool:
         """Have a new thread (or one that turns spare meanwhile) serve job.
 
         Returns False, job unserved, if shutdown() comes first.  Called in
         the accept thread.
         """
         failures = 0  # for this job
-        while True:
-            worker = _RequestThread(job, self.run, self.server.daemon_threads)
-            with self.slots.lock:
-                self.threads.add(worker)
-            try:
-                worker.thread.start()
-                break
-            except RuntimeError as exc:
-                with self.slots.lock:
-                    self.threads.discard(worker)
-                failures += 1
-                self.failed_to_start(exc)
+        while not self.try_start(job):
+            failures += 1
             spare, stopping = self.wait_for_spare(failures)
             if spare is not None:
                 spare.hand(job)
                 break
             if stopping:
                 return False
-        if not failures and self.start_failures:
+        return True
+
+    def try_start(self, job: _Job) -> bool:
+        """Start a new request thread for job; False if none can start now."""
+        worker = _RequestThread(job, self.run, self.server.daemon_threads)
+        with self.slots.lock:
+            self.threads.add(worker)
+        try:
+            worker.thread.start()
+        except RuntimeError as exc:
+            with self.slots.lock:
+                self.threads.discard(worker)
+            if not self.start_failures:
+                self.server.log("cannot start a request thread (%s); new "
+                                "clients wait" % (exc,), logging.WARNING)
+            self.start_failures += 1
+            self.good_starts = 0
+            return False
+        if self.start_failures:
             self.good_starts += 1
             if self.good_starts == _STARTS_TO_RECOVER:
                 self.server.log("request threads start again, after %d "
@@ -1379,13 +1414,6 @@ class _RequestThreads:
                                 logging.WARNING)
                 self.start_failures = 0
         return True
-
-    def failed_to_start(self, exc: RuntimeError) -> None:
-        if not self.start_failures:
-            self.server.log("cannot start a request thread (%s); new clients "
-                            "wait" % (exc,), logging.WARNING)
-        self.start_failures += 1
-        self.good_starts = 0
 
     def wait_for_spare(self, failures: int
                        ) -> Tuple[Optional[_RequestThread], bool]:
@@ -1404,7 +1432,11 @@ class _RequestThreads:
             while worker.job is not None:
                 request, client_address, worker.thread.name = worker.job
                 worker.job = None
-                self.server.process_request_thread(request, client_address)
+                if request is None:  # _LEAD
+                    self.server._loop.lead()
+                else:
+                    self.server.process_request_thread(request,
+                                                       client_address)
                 self.wait_for_job(worker)
         finally:
             with self.slots.lock:
@@ -1471,46 +1503,146 @@ class _RequestThreads:
 
 
 class _AcceptLoop:
-    """serve_forever()'s loop: socketserver's, plus a socket that
-    shutdown() writes to, so that the loop ends at once; and how the
-    accept thread meets accept() errors."""
+    """serve_forever()'s loop, in either of two ways.
+
+    Led (run_led()): the request threads wait for connections themselves,
+    one at a time, the leader; the one that accepts a connection hands the
+    lead on to a spare thread (or a new one) and serves that connection, so
+    no connection is handed from thread to thread.  Classic (run()):
+    socketserver's loop in the caller's thread, which accepts every
+    connection (several per wake-up, if they are there) and hands each to
+    a request thread.  Either way the loop waits on a socket that stop()
+    writes to, so that it ends at once; and this is how accept() errors
+    are met.
+    """
 
     def __init__(self, server: "ThreadingTCPServer") -> None:
         self.server = server
         self.slots = server._slots
         self.stopped = threading.Event()  # shutdown() wants the loop to end
         self.done = threading.Event()     # the loop has ended
-        self.wake: Optional[socket.socket] = None  # the slots' lock guards it
         self.poll_interval: Optional[float] = None  # while the loop runs
         self.errors = 0                   # failed accepts in a row
+        # The slots' lock guards these:
+        self.wake: Optional[socket.socket] = None  # what stop() writes to
+        self.selector: Optional[selectors.BaseSelector] = None  # the leader's
+        self.lead_out = False  # a thread has the lead, or is being handed it
 
     def run(self, poll_interval: float) -> None:
-        """Serve until stop(): each ready connection goes to
+        """Serve until stop(), the classic way."""
+        with self.waiting(poll_interval) as selector:
+            self.accept_here(selector, poll_interval)
+
+    def accept_here(self, selector: selectors.BaseSelector,
+                    poll_interval: float) -> None:
+        """The classic loop: each ready connection goes to
         _handle_request_noblock(); service_actions() after each wake."""
+        server = self.server
+        while not self.stopped.is_set():
+            ready = selector.select(poll_interval)
+            if self.stopped.is_set():
+                break
+            if any(key.fileobj is server for key, _ in ready):
+                self.accept_batch()
+            server.service_actions()
+
+    def accept_batch(self) -> None:
+        """Accept a ready connection, and those that came with it."""
+        for _ in range(_ACCEPT_BATCH):
+            self.server._handle_request_noblock()
+            if (self.stopped.is_set()
+                    or not _ready(self.server.socket, True, 0.0)):
+                return
+
+    def run_led(self, poll_interval: float) -> None:
+        """Serve until stop(), led: request threads wait for connections
+        (lead()); this thread hands out the lead, then calls
+        service_actions() each poll_interval.  If no thread can take the
+        lead (none can start), it accepts itself, the classic way."""
+        with self.waiting(poll_interval) as selector:
+            with self.slots.lock:
+                self.lead_out = True
+            if not self.pass_lead():
+                self.return_lead()
+                self.accept_here(selector, poll_interval)
+                return
+            try:
+                while not self.stopped.wait(poll_interval):
+                    self.server.service_actions()
+            finally:  # stop(), or an exception here (KeyboardInterrupt)
+                self.end_lead()
+
+    def end_lead(self) -> None:
+        """Wake the leader, if it waits, and wait until it has ended."""
+        self.stopped.set()
+        with self.slots.lock:
+            self.slots.stopping = True
+            self.slots.freed.notify_all()
+            if self.wake is not None:
+                self.wake.send(b"\0")
+            self.slots.freed.wait_for(lambda: not self.lead_out)
+
+    @contextlib.contextmanager
+    def waiting(self, poll_interval: float
+                ) -> Iterator[selectors.BaseSelector]:
+        """While serving: the selector that waits for connections and for
+        stop(), and the state that stop() and done tell of."""
         self.done.clear()
         self.poll_interval = poll_interval
-        server = self.server
         woken, wake = socket.socketpair()
+        selector = selectors.DefaultSelector()
+        selector.register(self.server, selectors.EVENT_READ)
+        selector.register(woken, selectors.EVENT_READ)
         with self.slots.lock:
-            self.wake = wake
+            self.wake, self.selector = wake, selector
         try:
-            with woken, selectors.DefaultSelector() as selector:
-                selector.register(server, selectors.EVENT_READ)
-                selector.register(woken, selectors.EVENT_READ)
-                while not self.stopped.is_set():
-                    ready = selector.select(poll_interval)
-                    if self.stopped.is_set():
-                        break
-                    if any(key.fileobj is server for key, _ in ready):
-                        server._handle_request_noblock()
-                    server.service_actions()
+            yield selector
         finally:
             with self.slots.lock:
-                self.wake = None
+                self.wake = self.selector = None
+            selector.close()
+            woken.close()
             wake.close()
             self.stopped.clear()
             self.poll_interval = None
             self.done.set()
+
+    def pass_lead(self) -> bool:
+        """Hand the lead to a spare request thread, or to a new one;
+        return False if no thread could take it (none can start)."""
+        threads = self.server._request_threads
+        with self.slots.lock:
+            spare = threads.take_spare()
+        if spare is not None:
+            spare.hand(_LEAD)
+            return True
+        return threads.try_start(_LEAD)
+
+    def lead(self) -> None:
+        """A request thread's turn as the leader: wait for a connection and
+        accept it (_handle_request_noblock()); process_request() hands the
+        lead on before it serves the connection, in this thread.  Ends once
+        the lead is handed on, or at stop()."""
+        _bound.leading = True
+        with self.slots.lock:
+            selector = self.selector
+        try:
+            while (_bound.leading and selector is not None
+                   and not self.stopped.is_set()):
+                ready = selector.select(self.poll_interval)
+                if self.stopped.is_set():
+                    break
+                if any(key.fileobj is self.server for key, _ in ready):
+                    self.server._handle_request_noblock()
+        finally:
+            if _bound.leading:  # still ours: nobody leads from now on
+                _bound.leading = False
+                self.return_lead()
+
+    def return_lead(self) -> None:
+        with self.slots.lock:
+            self.lead_out = False
+            self.slots.freed.notify_all()
 
     def stop(self) -> None:
         """End run() (or a wait for a slot) at once; return once it ended."""
@@ -2002,16 +2134,35 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
         Checks the settings first (check_settings()).  With a ThunkHandler,
         sys.stdin and sys.stdout are per-thread while it runs: each thunk
-        sees its connection, every other thread the streams it had.  The
-        loop wakes each poll_interval for service_actions(), and at once
-        when shutdown() is called, even while every slot is busy.
+        sees its connection, every other thread the streams it had.
+
+        The request threads wait for connections themselves, one at a time
+        (the leader): the one that accepts a connection hands that role on
+        to another thread, then serves the connection.  So get_request(),
+        verify_request() and process_request() run, in that order, in
+        request threads, and this thread only calls service_actions() each
+        poll_interval.  A subclass that overrides get_request(),
+        process_request() or _handle_request_noblock() gets socketserver's
+        loop instead, in this thread, which hands each connection to a
+        request thread.  Either way shutdown() ends the loop at once, even
+        while every slot is busy.
         """
         self.check_settings()
+        run = self._loop.run_led if self._leads() else self._loop.run
         if _runs_thunks(self.RequestHandlerClass):
             with _switch:
-                self._loop.run(poll_interval)
+                run(poll_interval)
         else:
-            self._loop.run(poll_interval)
+            run(poll_interval)
+
+    def _leads(self) -> bool:
+        """Can request threads accept by themselves (leader/followers)?
+        Not if the class or instance replaced a step of the accept loop,
+        which may expect the classic loop's thread."""
+        steps = ("get_request", "process_request", "_handle_request_noblock")
+        return not any(
+            getattr(type(self), step) is not getattr(ThreadingTCPServer, step)
+            or step in vars(self) for step in steps)
 
     @property
     def serving(self) -> bool:
@@ -2203,21 +2354,34 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         request thread if one waits, else to a new thread; either is named
         tcpserver-N for the N-th request, is a daemon if daemon_threads is
         true, and is joined by server_close() if block_on_close is true.
+        Called by the leader (see serve_forever()), it hands the lead on
+        and serves the request itself, in its own thread, renamed so (if
+        no thread can start to take the lead, it keeps it, and leads again
+        once it has served the request).
         """
         host = None if self.proxy_protocol else _host(client_address)
         slots = self._slots
+        leading = _bound.leading
         with slots.lock:
             refused = not slots.count_in(host, self.max_per_client)
             if not refused:
                 number = slots.open_request(request, host, _is_tls(request))
-                spare = self._request_threads.take_spare()
+                spare = None if leading else self._request_threads.take_spare()
         if refused:
             self.log("refused %s: %s connections from it already"
                      % (host, self.max_per_client), logging.INFO)
             self.close_request(request)
             return
         job = (request, client_address, "tcpserver-%d" % number)
-        if spare is not None:
+        if leading:
+            # If no thread can take the lead, this one keeps it: it leads
+            # again once it has served this request.
+            _bound.leading = not self._loop.pass_lead()
+            threading.current_thread().name = job[2]
+            self.process_request_thread(request, client_address)
+            if _bound.leading:
+                threading.current_thread().name = _LEAD[2]
+        elif spare is not None:
             spare.hand(job)
         elif not self._request_threads.start(job):
             self.log("refused %s: no request thread could start before the "
