@@ -2132,6 +2132,16 @@ class TestThreadsThatCannotStart(ServerTestCase):
         self.assertEqual(server.stats()["completed"], 2)
         self.assertEqual(stderr.getvalue().count("cannot start a request thread"), 1)
 
+    def test_a_leader_no_thread_can_relieve_serves_and_leads_again(self):
+        server, stderr = self.start_logged(lambda: print("hi"))
+        self.assertEqual(self.talk(server), b"hi\n")  # a thread has the lead
+        self.fail_thread_starts(10 ** 6)
+        for _ in range(3):
+            self.assertEqual(self.talk(server), b"hi\n")
+        self.stop(server)
+        self.assertEqual(server.stats()["completed"], 4)
+        self.assertEqual(stderr.getvalue().count("cannot start a request thread"), 1)
+
     def test_shutdown_is_prompt_and_the_waiting_client_is_refused(self):
         # No thread can take the lead either: the server accepts the classic
         # way, in serve_forever()'s thread, and the client waits for a thread.
