@@ -526,11 +526,14 @@ class _ThreadStream(threading.local):
     __getattr__ would slow down every lookup, print()'s included.
 
     It is a threading.local so that a thread running a thunk can keep the
-    connection's write, flush and buffer in its own attribute dict
-    (bind()): print() then finds them with no Python call in between.
+    connection's write, flush and buffer (sys.stdout), or readline and
+    fileno (sys.stdin, from its first readline() on: made on first use),
+    in its own attribute dict: print() and input() then find them with no
+    Python call in between.
     """
 
-    _SHORTCUTS = ("write", "flush", "buffer")
+    _SHORTCUTS = {"stdout": ("write", "flush", "buffer"),
+                  "stdin": ("readline", "fileno")}
 
     def __init__(self, name: str, fallback: Any) -> None:
         # threading.local runs this in each thread that uses the stream.
@@ -546,13 +549,13 @@ class _ThreadStream(threading.local):
     def bind(self, stream: io.TextIOWrapper) -> None:
         """Give the calling thread stream's hot methods as shortcuts."""
         own = vars(self)
-        for name in self._SHORTCUTS:
+        for name in self._SHORTCUTS[self._name]:
             own[name] = getattr(stream, name)
 
     def unbind(self) -> None:
         """Drop the calling thread's shortcuts."""
         own = vars(self)
-        for name in self._SHORTCUTS:
+        for name in self._SHORTCUTS[self._name]:
             own.pop(name, None)
 
     def write(self, text: str) -> int:
@@ -565,7 +568,10 @@ class _ThreadStream(threading.local):
             stream.flush()
 
     def readline(self, size: int = -1) -> str:
-        line: str = self._current().readline(size)
+        stream = self._current()
+        if _bound.handler is not None:  # a thunk's stdin, made by now
+            self.bind(stream)
+        line: str = stream.readline(size)
         return line
 
     buffer = _Forward()
@@ -654,9 +660,10 @@ class _StreamSwitch:
         self._stdout.bind(stdout)
 
     def unbind(self) -> None:
-        """Undo bind() for the calling thread."""
-        assert self._stdout is not None, "unbind() outside the switch's with"
-        self._stdout.unbind()
+        """Undo bind() for the calling thread, and drop the shortcuts its
+        sys.stdin took (see _ThreadStream.readline())."""
+        for stream in self._streams:
+            stream.unbind()
 
 
 _switch = _StreamSwitch()
