@@ -904,9 +904,12 @@ class _LineEnds(io.BufferedIOBase):
     in which the bytes CR and LF always mean those characters.
     """
 
-    def __init__(self, stream: io.BufferedReader) -> None:
+    def __init__(self, stream: io.BufferedReader, chunk: int) -> None:
         super().__init__()
         self._stream = stream
+        # The most one read takes: what it allocates is held while the
+        # client is silent (the text layer would ask for 8 KiB).
+        self._chunk = max(1, chunk)
         self._after_cr = False  # the last byte read was CR: drop one LF
 
     def readable(self) -> bool:
@@ -917,7 +920,8 @@ class _LineEnds(io.BufferedIOBase):
         return self._stream.name
 
     def read1(self, size: int = -1) -> bytes:
-        data = self._stream.read1(size)
+        data = self._stream.read1(self._chunk if size < 0
+                                  else min(size, self._chunk))
         if not self._after_cr and b"\r" not in data:
             return data  # the common case: nothing to change
         return self._translated(data, self._stream.read1, size)
@@ -958,10 +962,10 @@ class _TextReader(_CappedLines, io.TextIOWrapper):
     """
 
     def __init__(self, binary: io.BufferedReader, encoding: str,
-                 errors: str) -> None:
+                 errors: str, chunk: int) -> None:
         self._binary = binary
         if _cr_is_a_byte(encoding):
-            super().__init__(_LineEnds(binary), encoding=encoding,
+            super().__init__(_LineEnds(binary, chunk), encoding=encoding,
                              errors=errors, newline="\n")
         else:  # universal newlines: a bare CR waits for the next character
             super().__init__(binary, encoding=encoding, errors=errors)
@@ -1003,7 +1007,11 @@ class ThunkHandler(socketserver.StreamRequestHandler):
       protocols.  Input accepts "\\n", "\\r\\n" and "\\r" line ends.
     - line_buffering: True flushes at every newline; False buffers output
       in blocks of wbufsize bytes, for bulk output.
-    - rbufsize, wbufsize: sizes in bytes of the binary buffers.
+    - rbufsize: size in bytes of the binary input buffer, and the most the
+      text layer reads at once, 1024: an idle connection holds little.
+    - wbufsize: size in bytes of the binary output buffer; -1 (the
+      default, as in socketserver) is 1024 while line_buffering is on (a
+      line at a time), io.DEFAULT_BUFFER_SIZE when it is off.
     - timeout, disable_nagle_algorithm: as in StreamRequestHandler; Nagle
       is disabled so a flushed line leaves at once.
 
@@ -1016,8 +1024,8 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     encode_errors = "strict"
     newline = "\n"
     line_buffering = True
-    rbufsize = io.DEFAULT_BUFFER_SIZE
-    wbufsize = io.DEFAULT_BUFFER_SIZE
+    rbufsize = 1024
+    wbufsize = -1
     disable_nagle_algorithm = True
 
     server: "ThreadingTCPServer"  # the handler runs thunks of ours only
@@ -1037,7 +1045,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
             # however steadily the client moves: the streams wait instead.
             self.connection.settimeout(0.0)
         self.wfile = io.BufferedWriter(
-            _raw_writer(self.connection, self._timeout), self.wbufsize)
+            _raw_writer(self.connection, self._timeout), self._wbufsize())
         self.stdout = io.TextIOWrapper(self.wfile, encoding=self.encoding,
                                        errors=self.encode_errors,
                                        newline=self.newline,
@@ -1045,6 +1053,11 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         # Made on first use: many thunks never read.
         self._rfile: Optional[_BinaryReader] = None
         self._stdin: Optional[_TextReader] = None
+
+    def _wbufsize(self) -> int:
+        if self.wbufsize >= 0:
+            return self.wbufsize
+        return 1024 if self.line_buffering else io.DEFAULT_BUFFER_SIZE
 
     @property
     def rfile(self) -> io.BufferedReader:  # type: ignore[override]
@@ -1062,7 +1075,8 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         """The text input stream, the thunk's sys.stdin (made on first use)."""
         if self._stdin is None:
             stdin = _TextReader(self.rfile, encoding=self.encoding,
-                                errors=self.decode_errors)
+                                errors=self.decode_errors,
+                                chunk=self.rbufsize)
             stdin.max_line = self.server.max_line
             self._stdin = stdin
         return self._stdin
