@@ -1009,9 +1009,9 @@ class ThunkHandler(socketserver.StreamRequestHandler):
       in blocks of wbufsize bytes, for bulk output.
     - rbufsize: size in bytes of the binary input buffer, and the most the
       text layer reads at once, 1024: an idle connection holds little.
-    - wbufsize: size in bytes of the binary output buffer; -1 (the
-      default, as in socketserver) is 1024 while line_buffering is on (a
-      line at a time), io.DEFAULT_BUFFER_SIZE when it is off.
+    - wbufsize: size in bytes of the binary output buffer,
+      io.DEFAULT_BUFFER_SIZE: sys.stdout.buffer.write() of short records
+      goes out in blocks of that size.
     - timeout, disable_nagle_algorithm: as in StreamRequestHandler; Nagle
       is disabled so a flushed line leaves at once.
 
@@ -1025,7 +1025,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     newline = "\n"
     line_buffering = True
     rbufsize = 1024
-    wbufsize = -1
+    wbufsize = io.DEFAULT_BUFFER_SIZE
     disable_nagle_algorithm = True
 
     server: "ThreadingTCPServer"  # the handler runs thunks of ours only
@@ -1045,7 +1045,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
             # however steadily the client moves: the streams wait instead.
             self.connection.settimeout(0.0)
         self.wfile = io.BufferedWriter(
-            _raw_writer(self.connection, self._timeout), self._wbufsize())
+            _raw_writer(self.connection, self._timeout), self.wbufsize)
         self.stdout = io.TextIOWrapper(self.wfile, encoding=self.encoding,
                                        errors=self.encode_errors,
                                        newline=self.newline,
@@ -1053,11 +1053,6 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         # Made on first use: many thunks never read.
         self._rfile: Optional[_BinaryReader] = None
         self._stdin: Optional[_TextReader] = None
-
-    def _wbufsize(self) -> int:
-        if self.wbufsize >= 0:
-            return self.wbufsize
-        return 1024 if self.line_buffering else io.DEFAULT_BUFFER_SIZE
 
     @property
     def rfile(self) -> io.BufferedReader:  # type: ignore[override]
