@@ -2091,7 +2091,9 @@ class TestThreadsThatCannotStart(ServerTestCase):
     def test_clients_wait_until_a_thread_starts(self):
         server, stderr = self.start_logged(lambda: print("hi"))
         failed = self.fail_thread_starts(3)
-        clients = tcpserver._STARTS_TO_RECOVER + 1  # the first waits for its thread
+        # Each client needs a thread start (for itself, or for the lead it hands
+        # on), 3 of which fail: enough clients for 100 good ones after those.
+        clients = tcpserver._STARTS_TO_RECOVER + 4
         for _ in range(clients):
             self.assertEqual(self.talk(server), b"hi\n")
         self.stop(server)
