@@ -35,16 +35,20 @@ The file reads top to bottom:
 - the command line, ``python -m tcpserver`` (main()), after ucspi-tcp's
   tcpserver.
 
-Thread model: serve_forever() runs the accept loop in the caller's thread;
-shutdown(), from another thread, ends it at once.  Before each accept the
-loop waits for one of max_requests slots, so clients beyond the limit wait
-in the kernel's listen queue, in order.  Each accepted connection goes to
-a request thread (a spare one, or a new one), which reads a PROXY header
-and runs the TLS handshake if the settings say so, finds the addresses,
-runs the handler (for ThunkHandler: the thunk) and closes the connection;
-closing gives the slot back, and the thread waits as a spare for the next.
-server_close(), in the caller's thread, drains: it waits for the request
-threads, then resets the connections of those that do not end.
+Thread model: the request threads accept connections themselves, one at a
+time, the leader; serve_forever() hands out the lead and waits, and
+shutdown(), from another thread, ends it all at once.  Before it accepts,
+the leader takes one of max_requests slots, so clients beyond the limit
+wait in the kernel's listen queue, in order.  Once it has accepted a
+connection, it hands the lead on to a spare thread (or a new one) and
+serves that connection: it reads a PROXY header and runs the TLS handshake
+if the settings say so, finds the addresses, runs the handler (for
+ThunkHandler: the thunk) and closes the connection; closing gives the slot
+back, and the thread waits as a spare for its next job.  (A subclass that
+replaces a step of the accept loop gets socketserver's loop: serve_forever()
+accepts in the caller's thread and hands each connection to a request
+thread.)  server_close(), in the caller's thread, drains: it waits for the
+request threads, then resets the connections of those that do not end.
 """
 
 __version__ = "0.2.0"
