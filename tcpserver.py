@@ -1594,12 +1594,8 @@ class _AcceptLoop:
 
     def end_lead(self) -> None:
         """Wake the leader, if it waits, and wait until it has ended."""
-        self.stopped.set()
+        self.request_end()
         with self.slots.lock:
-            self.slots.stopping = True
-            self.slots.freed.notify_all()
-            if self.wake is not None:
-                self.wake.send(b"\0")
             self.slots.freed.wait_for(lambda: not self.lead_out)
 
     @contextlib.contextmanager
@@ -1620,6 +1616,7 @@ class _AcceptLoop:
         finally:
             with self.slots.lock:
                 self.wake = self.selector = None
+                self.slots.stopping = False
             selector.close()
             woken.close()
             wake.close()
@@ -1665,7 +1662,13 @@ class _AcceptLoop:
             self.slots.freed.notify_all()
 
     def stop(self) -> None:
-        """End run() (or a wait for a slot) at once; return once it ended."""
+        """End run() or run_led() at once; return once it has ended."""
+        self.request_end()
+        self.done.wait()
+
+    def request_end(self) -> None:
+        """Ask the loop to end: wake it (or the leader), and any wait for a
+        slot or a thread."""
         self.stopped.set()
         with self.slots.lock:
             self.slots.stopping = True
@@ -1675,9 +1678,6 @@ class _AcceptLoop:
                     self.wake.send(b"\0")
                 except OSError:
                     pass  # the loop closed its end: it is ending anyway
-        self.done.wait()
-        with self.slots.lock:
-            self.slots.stopping = False
 
     def accept_failed(self, exc: OSError) -> None:
         """Log the first of a run of accept errors; back off if resources ran out."""
