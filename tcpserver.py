@@ -327,7 +327,7 @@ def tcp_accept(listener: socket.socket) -> Tuple[socket.socket, _Address]:
     """Accept a connection on listener; return (conn, peer): the egg's tcp-accept.
 
     The server calls it as ``self.accept_connection(self.socket)`` from
-    get_request(), in the accept thread, once a slot is free.  Keep it
+    get_request(), in the accepting thread, once a slot is free.  Keep it
     quick: the next client waits until it returns.  OSError propagates.
     IPv4 clients of a dual-stack listener are reported as plain IPv4, as
     tcp_addresses() does.
@@ -1218,7 +1218,7 @@ class _Slots:
     One lock guards them (and the request threads' lists): the accept
     thread takes a slot before it accepts, a request gives it back when
     its connection closes, stats() reads from any thread.  The condition
-    freed wakes the accept thread when a slot comes free, a request thread
+    freed wakes the accepting thread when a slot comes free, a request thread
     turns spare, or shutdown() wants the thread back.
     """
 
@@ -1226,9 +1226,9 @@ class _Slots:
         self.lock = threading.Lock()
         self.freed = threading.Condition(self.lock)
         self.taken = 0           # slots held: open requests, and one pending
-        self.pending = False     # the accept thread holds a slot, no request
+        self.pending = False     # the accepting thread holds a slot, no request
         self.full = False        # "all slots busy" has been logged
-        self.stopping = False    # shutdown() wants the accept thread back
+        self.stopping = False    # shutdown() wants the accepting thread back
         self.open: Dict[socket.socket, _Open] = {}
         self.per_client: Dict[str, int] = {}  # host -> its requests open
         self.drained: Set[socket.socket] = set()  # reset by server_close()
@@ -1372,7 +1372,7 @@ class _RequestThreads:
 
     Its lists are guarded by the slots' lock, as they change together.
     Starting a thread may fail (RuntimeError: the process or its user is
-    out of threads): the accept thread then waits, backing off as for
+    out of threads): the accepting thread then waits, backing off as for
     EMFILE, while other clients wait in the listen queue, until a thread
     starts or one turns spare.  That is logged once when threads begin to
     fail, and once more when _STARTS_TO_RECOVER in a row have started at
@@ -1397,7 +1397,7 @@ class _RequestThreads:
         """Have a new thread (or one that turns spare meanwhile) serve job.
 
         Returns False, job unserved, if shutdown() comes first.  Called in
-        the accept thread.
+        the accepting thread.
         """
         failures = 0  # for this job
         while not self.try_start(job):
@@ -1950,8 +1950,9 @@ def _host(address: _Address) -> str:
 
 
 # ---------------------------------------------------------------------------
-# The server: the accept loop runs in serve_forever()'s thread, everything
-# per connection in that connection's thread.
+# The server: connections are accepted by the leader, a request thread (or
+# by serve_forever()'s thread, in the classic loop), and served each in a
+# request thread of its own.
 # ---------------------------------------------------------------------------
 
 _Server = TypeVar("_Server", bound="ThreadingTCPServer")
@@ -2275,7 +2276,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         to accept.  Each request's lines are made, and this is called for
         them, only while debug is on or the logger is enabled for DEBUG.
         When debug is on, also writes ``[prefix] message`` to sys.stderr.
-        Called from the accept thread and request threads.
+        Called from the accepting thread and request threads.
         """
         shown = bool(self.debug) and sys.stderr is not None
         if shown:
@@ -2311,12 +2312,13 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             opened = self._slots.open.get(request)
             return None if opened is None else opened.local
 
-    # -- the accept thread: serve_forever() or handle_request() ---------------
+    # -- the accepting thread: the leader, or serve_forever()'s or
+    # handle_request()'s in the classic loop ------------------------------
 
     def get_request(self) -> Tuple[socket.socket, _Address]:
         """Take a free slot, then accept a connection through accept_connection().
 
-        Called by serve_forever() and handle_request() in the accept thread
+        Called by serve_forever() and handle_request() in the accepting thread
         once select() reports a pending connection.  With ssl_context set,
         the connection is wrapped in TLS (its handshake is left to its own
         thread).  Raises OSError when no slot frees within the poll
@@ -2550,7 +2552,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self, request: socket.socket) -> None:
         """Close one connection and give its slot back.  May be extended.
 
-        Called in the request's thread, or in the accept thread for a
+        Called in the request's thread, or in the accepting thread for a
         connection that was refused (verify_request(), max_per_client).
         """
         try:
