@@ -497,6 +497,9 @@ class _Bound(threading.local):
     handler: Optional["ThunkHandler"] = None
     tls_error: Optional[OSError] = None  # the connection's, if it failed
     leading = False  # the thread has the lead: it waits for connections
+    # The connection a leader accepted, to serve once it has handed the
+    # lead on: (request, client_address, thread name).
+    job: Optional[Tuple[socket.socket, _Address, str]] = None
 
 
 _bound = _Bound()
@@ -1312,6 +1315,15 @@ class _Slots:
             self.taken -= 1
             self.freed.notify()
 
+    def release_pending(self) -> None:
+        """Give back the slot held for a connection that never became a
+        request, and is not counted (its accept or verify step failed)."""
+        with self.lock:
+            if self.pending:
+                self.pending = False
+                self.taken -= 1
+                self.freed.notify()
+
     def end(self, request: socket.socket, kind: str) -> bool:
         """Count how request ended (its kind); return True if server_close()
         reset it meanwhile, which then is how it ended."""
@@ -1465,8 +1477,12 @@ class _RequestThreads:
     def wait_for_job(self, worker: _RequestThread) -> None:
         """Wait as a spare thread until handed a job; leave worker.job None
         to end."""
+        loop = self.server._loop
         with self.slots.lock:
-            if (self.closing
+            if loop.take_vacant_lead():
+                worker.job = _LEAD
+                return
+            if (self.closing or loop.selector is None  # not serving: end
                     or len(self.spare) >= self.server.max_spare_threads):
                 return
             self.spare.append(worker)
@@ -1478,6 +1494,14 @@ class _RequestThreads:
                 self.spare.remove(worker)
                 return
         worker.wake.acquire()  # process_request() took it: the job is coming
+
+    def release_spare(self) -> None:
+        """End the spare threads: they wait for a serve_forever() that has
+        ended, and would keep the process alive."""
+        with self.slots.lock:
+            spare, self.spare = self.spare, []
+        for worker in spare:
+            worker.wake.release()  # with no job: the thread ends
 
     def alive(self) -> List[threading.Thread]:
         """Return the request threads still running."""
@@ -1546,7 +1570,10 @@ class _AcceptLoop:
         # The slots' lock guards these:
         self.wake: Optional[socket.socket] = None  # what stop() writes to
         self.selector: Optional[selectors.BaseSelector] = None  # the leader's
+        self.led = False       # run_led() runs, with threads leading
         self.lead_out = False  # a thread has the lead, or is being handed it
+        self.vacated = threading.Condition(self.slots.lock)  # lead_out fell
+        self.failure: Optional[BaseException] = None  # a leader's, to raise
 
     def run(self, poll_interval: float) -> None:
         """Serve until stop(), the classic way."""
@@ -1576,27 +1603,78 @@ class _AcceptLoop:
 
     def run_led(self, poll_interval: float) -> None:
         """Serve until stop(), led: request threads wait for connections
-        (lead()); this thread hands out the lead, then calls
+        (lead()); this thread hands out the lead, hands it out again when
+        it falls vacant (no thread could take it when handed on), and calls
         service_actions() each poll_interval.  If no thread can take the
-        lead (none can start), it accepts itself, the classic way."""
+        first lead (none can start), it accepts itself, the classic way.
+        Raises what an override raised in a leader (verify_request(), say),
+        as socketserver's loop would."""
         with self.waiting(poll_interval) as selector:
-            with self.slots.lock:
-                self.lead_out = True
-            if not self.pass_lead():
-                self.return_lead()
-                self.accept_here(selector, poll_interval)
-                return
             try:
-                while not self.stopped.wait(poll_interval):
-                    self.server.service_actions()
-            finally:  # stop(), or an exception here (KeyboardInterrupt)
+                with self.slots.lock:
+                    self.led = self.lead_out = True
+                if not self.pass_lead():
+                    with self.slots.lock:
+                        self.led = False
+                    self.return_lead()
+                    self.accept_here(selector, poll_interval)
+                    return
+                self.supervise(poll_interval)
+            finally:  # stop(), a failure, or KeyboardInterrupt here
                 self.end_lead()
+            failure, self.failure = self.failure, None
+            if failure is not None:
+                raise failure
+
+    def supervise(self, poll_interval: float) -> None:
+        """run_led()'s wait: for stop(), each poll_interval for
+        service_actions(), and for the lead to fall vacant."""
+        actions_at = time.monotonic() + poll_interval
+        failures = 0  # hand-outs of a vacant lead in a row that failed
+        while True:
+            wait = max(0.0, actions_at - time.monotonic())
+            with self.slots.lock:
+                if failures:  # back off, as when no thread can start
+                    self.vacated.wait_for(
+                        self.stopped.is_set,
+                        min(wait, 0.01 * 2 ** min(failures - 1, 7)))
+                else:
+                    self.vacated.wait_for(
+                        lambda: self.stopped.is_set() or not self.lead_out,
+                        wait)
+                if self.stopped.is_set():
+                    return
+                vacant = self.take_vacant_lead()
+            if vacant:
+                failures = 0 if self.pass_lead() else failures + 1
+                if failures:
+                    self.return_lead()
+            if time.monotonic() >= actions_at:
+                self.server.service_actions()
+                actions_at = time.monotonic() + poll_interval
+
+    def take_vacant_lead(self) -> bool:
+        """Take the lead if nobody has it while serving led; lock held."""
+        if self.lead_out or not self.led or self.stopped.is_set():
+            return False
+        self.lead_out = True
+        return True
 
     def end_lead(self) -> None:
-        """Wake the leader, if it waits, and wait until it has ended."""
+        """Wake the leader, if it waits, and wait until it has ended: the
+        selector must outlive it.  A KeyboardInterrupt meanwhile is raised
+        once it has."""
         self.request_end()
-        with self.slots.lock:
-            self.slots.freed.wait_for(lambda: not self.lead_out)
+        interrupted: Optional[BaseException] = None
+        while True:
+            try:
+                with self.slots.lock:
+                    self.vacated.wait_for(lambda: not self.lead_out)
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
 
     @contextlib.contextmanager
     def waiting(self, poll_interval: float
@@ -1616,7 +1694,8 @@ class _AcceptLoop:
         finally:
             with self.slots.lock:
                 self.wake = self.selector = None
-                self.slots.stopping = False
+                self.led = self.slots.stopping = False
+            self.server._request_threads.release_spare()
             selector.close()
             woken.close()
             wake.close()
@@ -1636,30 +1715,50 @@ class _AcceptLoop:
         return threads.try_start(_LEAD)
 
     def lead(self) -> None:
-        """A request thread's turn as the leader: wait for a connection and
-        accept it (_handle_request_noblock()); process_request() hands the
-        lead on before it serves the connection, in this thread.  Ends once
-        the lead is handed on, or at stop()."""
+        """A request thread's turn as the leader: wait for connections and
+        accept them (_handle_request_noblock()), until process_request()
+        has handed the lead on, or stop(); then serve the connection it
+        left in _bound.job (outside socketserver's step, which would close
+        it a second time if the handler raised SystemExit)."""
         _bound.leading = True
-        with self.slots.lock:
-            selector = self.selector
         try:
-            while (_bound.leading and selector is not None
-                   and not self.stopped.is_set()):
-                ready = selector.select(self.poll_interval)
-                if self.stopped.is_set():
-                    break
-                if any(key.fileobj is self.server for key, _ in ready):
-                    self.server._handle_request_noblock()
+            self.accept_as_leader()
+        except BaseException as exc:  # an override's: serve_forever() raises it
+            if not _bound.leading:
+                raise
+            self.fail(exc)
         finally:
-            if _bound.leading:  # still ours: nobody leads from now on
+            if _bound.leading:  # still ours: it falls vacant
                 _bound.leading = False
                 self.return_lead()
+        job, _bound.job = _bound.job, None
+        if job is not None:
+            request, client_address, threading.current_thread().name = job
+            self.server.process_request_thread(request, client_address)
+
+    def accept_as_leader(self) -> None:
+        with self.slots.lock:
+            selector = self.selector
+        while (_bound.leading and selector is not None
+               and not self.stopped.is_set()):
+            ready = selector.select(self.poll_interval)
+            if self.stopped.is_set():
+                return
+            if any(key.fileobj is self.server for key, _ in ready):
+                self.server._handle_request_noblock()
+
+    def fail(self, exc: BaseException) -> None:
+        """A leader's step raised: give back the slot it held for the
+        connection, and end the loop, whose thread raises exc."""
+        with self.slots.lock:
+            self.failure = exc
+        self.slots.release_pending()
+        self.request_end()
 
     def return_lead(self) -> None:
         with self.slots.lock:
             self.lead_out = False
-            self.slots.freed.notify_all()
+            self.vacated.notify_all()
 
     def stop(self) -> None:
         """End run() or run_led() at once; return once it has ended."""
@@ -1673,6 +1772,7 @@ class _AcceptLoop:
         with self.slots.lock:
             self.slots.stopping = True
             self.slots.freed.notify_all()
+            self.vacated.notify_all()
             if self.wake is not None:
                 try:
                     self.wake.send(b"\0")
@@ -2328,7 +2428,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         growing back-off, so the loop neither dies nor spins.  May be
         extended.
         """
-        self._slots.take(self.max_requests, self._loop.poll_interval, self.log)
+        wait = self._loop.poll_interval  # None: handle_request()'s
+        self._slots.take(self.max_requests,
+                         self.timeout if wait is None else wait, self.log)
         try:
             request, client_address = self.accept_connection(self.socket)
             if self.ssl_context is not None:
@@ -2342,19 +2444,24 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     def _handle_request_noblock(self) -> None:
         """Accept and dispatch one connection, as socketserver does.
 
-        But with proxy_protocol on, verify_request() is not called here
-        with the balancer's address: process_request_thread() calls it
-        with the client's, once the PROXY header is read.
+        But what verify_request() raises is met as what process_request()
+        raises (socketserver lets it out with the connection still open):
+        an Exception goes to handle_error() and the connection is closed,
+        serving goes on; anything else closes the connection and ends
+        serve_forever().  With proxy_protocol on, verify_request() is not
+        called here with the balancer's address: process_request_thread()
+        calls it with the client's, once the PROXY header is read.
         """
-        if not self.proxy_protocol:
-            super()._handle_request_noblock()  # type: ignore[misc]
-            return
         try:
             request, client_address = self.get_request()
         except OSError:
             return
         try:
-            self.process_request(request, client_address)
+            if self.proxy_protocol or self.verify_request(request,
+                                                          client_address):
+                self.process_request(request, client_address)
+            else:
+                self.shutdown_request(request)
         except Exception:
             self.handle_error(request, client_address)
             self.shutdown_request(request)
@@ -2376,10 +2483,10 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         request thread if one waits, else to a new thread; either is named
         tcpserver-N for the N-th request, is a daemon if daemon_threads is
         true, and is joined by server_close() if block_on_close is true.
-        Called by the leader (see serve_forever()), it hands the lead on
-        and serves the request itself, in its own thread, renamed so (if
-        no thread can start to take the lead, it keeps it, and leads again
-        once it has served the request).
+        Called by the leader (see serve_forever()), it hands the lead on,
+        and the leader serves the request itself once this returns, in its
+        own thread, renamed so.  (If no thread can start to take the lead,
+        the lead falls vacant until a thread is free.)
         """
         host = None if self.proxy_protocol else _host(client_address)
         slots = self._slots
@@ -2396,13 +2503,16 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             return
         job = (request, client_address, "tcpserver-%d" % number)
         if leading:
-            # If no thread can take the lead, this one keeps it: it leads
-            # again once it has served this request.
-            _bound.leading = not self._loop.pass_lead()
-            threading.current_thread().name = job[2]
-            self.process_request_thread(request, client_address)
-            if _bound.leading:
-                threading.current_thread().name = _LEAD[2]
+            # The lead goes on (or falls vacant: no thread could take it,
+            # and the next one free takes it), then this thread serves.
+            _bound.leading = False
+            handed = False
+            try:
+                handed = self._loop.pass_lead()
+            finally:  # whatever pass_lead() raised, the lead is not lost
+                if not handed:
+                    self._loop.return_lead()
+            _bound.job = job
         elif spare is not None:
             spare.hand(job)
         elif not self._request_threads.start(job):
@@ -2588,6 +2698,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         they run, as socketserver does; with block_on_close false it does
         not wait at all.
         """
+        self._loop.request_end()  # serve_forever() still running: misuse
         super().server_close()
         self._request_threads.drain(self.block_on_close)
 

@@ -537,6 +537,66 @@ class TestHooks(ServerTestCase):
         self.assertEqual([r for r in records if r.levelno >= logging.WARNING], [])
         self.assertEqual(len(calls), 4)
 
+    def test_what_verify_request_raises_closes_that_connection(self):
+        # An error costs that connection (and a traceback); serving goes on.
+        def verify(request, client_address):
+            calls.append(client_address)
+            if len(calls) == 2:
+                raise ValueError("verify_request() failed on purpose")
+            return True
+
+        calls = []
+        stderr = self.capture("stderr")
+        server = self.start(lambda: print("hi"), max_requests=1)
+        server.verify_request = verify
+        self.assertEqual([self.talk(server) for _ in range(3)], [b"hi\n", b"", b"hi\n"])
+        self.stop(server)
+        self.assertEqual(stderr.getvalue().count("ValueError: verify_request() failed"), 1)
+
+    def test_what_verify_request_raises_but_errors_ends_serve_forever(self):
+        # As in socketserver's loop, which closes the connection first here.
+        class Stop(BaseException):
+            pass
+
+        def verify(request, client_address):
+            calls.append(client_address)
+            if len(calls) == 2:
+                raise Stop
+            return True
+
+        calls, raised = [], []
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), lambda: print("hi"), 1)
+        server.verify_request = verify
+
+        def serve():
+            try:
+                server.serve_forever(0.01)
+            except Stop as exc:
+                raised.append(exc)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        self.assertEqual(self.talk(server), b"hi\n")
+        self.assertEqual(self.talk(server), b"")
+        thread.join(TIMEOUT)
+        self.assertFalse(thread.is_alive(), "serve_forever() did not end")
+        self.assertEqual(len(raised), 1)
+        self.serve(server)
+        self.assertEqual(self.talk(server), b"hi\n")
+        self.stop(server)
+        self.assertEqual(len(calls), 3)
+
+    def test_shutdown_without_server_close_leaves_no_thread_waiting(self):
+        server = self.start(lambda: print("hi"))
+        for _ in range(3):
+            self.assertEqual(self.talk(server), b"hi\n")
+        server.shutdown()
+        threads = [thread for thread in threading.enumerate()
+                   if thread.name.startswith("tcpserver-")]
+        for thread in threads:
+            thread.join(TIMEOUT)
+        self.assertEqual([thread.name for thread in threads if thread.is_alive()], [])
+
     def test_get_request_may_replace_the_socket(self):
         # Legacy TLS code wraps the socket in get_request(), and a failed
         # handshake raises there: neither may cost a slot.
@@ -1165,6 +1225,8 @@ class TestLimit(ServerTestCase):
                     print("x" * 1000)
             if how == "hold":
                 barrier.wait()  # needs two slots at once
+            if how == "exit":
+                sys.exit("the thunk ends its thread")
             print(how)
 
         self.capture("stderr")
@@ -1179,11 +1241,16 @@ class TestLimit(ServerTestCase):
             self.assertEqual(self.talk(server, b""), b"")  # EOF before any input
             with self.connect(server):
                 pass  # a client that vanishes before the thunk reads
+            self.assert_reset(server, b"exit\n")
         first, second = self.connect(server), self.connect(server)
         for sock in (first, second):
             sock.sendall(b"hold\n")
         self.assertEqual(read_all(first), b"hold\n")
         self.assertEqual(read_all(second), b"hold\n")
+        self.stop(server)
+        stats = server.stats()
+        self.assertEqual((stats["accepted"], stats["refused"], stats["active"]), (20, 0, 0))
+        self.assertLessEqual(stats["peak_active"], 2)
 
     def test_shutdown_is_prompt_while_all_slots_are_busy(self):
         started, release = threading.Event(), threading.Event()
@@ -1205,6 +1272,47 @@ class TestLimit(ServerTestCase):
         for sock in waiting:  # never accepted: closed with the listener
             with self.assertRaises(ConnectionResetError):
                 read_all(sock)
+
+    def test_a_thunk_that_raises_systemexit_closes_its_request_once(self):
+        # A second close_request() would give back a slot twice: the one the
+        # next client waits for, so the limit would no longer hold.
+        def thunk():
+            if input() == "exit":
+                sys.exit("the thunk ends its thread")
+            print("served")
+
+        server = self.start(thunk, max_requests=1)
+        closed = []
+        close_request = server.close_request
+        server.close_request = lambda request: (closed.append(request.fileno()),
+                                                close_request(request))
+        for _ in range(3):
+            self.assert_reset(server, b"exit\n")
+            self.assertEqual(self.talk(server, b"again\n"), b"served\n")
+        self.stop(server)
+        self.assertEqual(len(closed), 6, "close_request() calls")
+        stats = server.stats()
+        self.assertEqual((stats["accepted"], stats["refused"], stats["failed"],
+                          stats["completed"], stats["peak_active"]), (6, 0, 3, 3, 1))
+
+    def test_handle_request_waits_for_a_slot_no_longer_than_timeout(self):
+        started, release = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        def thunk():
+            started.set()
+            release.wait(TIMEOUT)
+
+        server = self.start(thunk, max_requests=1)
+        self.connect(server)
+        self.assertTrue(started.wait(TIMEOUT))
+        server.shutdown()
+        server.timeout = 0.05
+        self.connect(server)  # in the listen queue: handle_request() may see it
+        began = time.monotonic()
+        server.handle_request()  # the one slot stays busy
+        self.assertLess(time.monotonic() - began, 2.0)
+        release.set()
 
     def test_no_limit_by_default_on_the_class(self):
         count = 20
@@ -2155,7 +2263,7 @@ class TestThreadsThatCannotStart(ServerTestCase):
         self.assertEqual(server.stats()["completed"], 2)
         self.assertEqual(stderr.getvalue().count("cannot start a request thread"), 1)
 
-    def test_a_leader_no_thread_can_relieve_serves_and_leads_again(self):
+    def test_a_lead_no_thread_can_take_goes_to_the_next_free_thread(self):
         server, stderr = self.start_logged(lambda: print("hi"))
         self.assertEqual(self.talk(server), b"hi\n")  # a thread has the lead
         self.fail_thread_starts(10 ** 6)
