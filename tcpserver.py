@@ -1203,16 +1203,18 @@ class _Open:
 
     number: its serial number; host: its client's host, or None until a
     PROXY header names it; local: its local address, once known; tls:
-    whether the server wrapped it in TLS, so its thread runs the handshake.
+    whether the server wrapped it in TLS, so its thread runs the handshake;
+    counted: whether how it ended is counted yet.
     """
 
-    __slots__ = ("number", "host", "local", "tls")
+    __slots__ = ("number", "host", "local", "tls", "counted")
 
     def __init__(self, number: int, host: Optional[str], tls: bool) -> None:
         self.number = number
         self.host = host
         self.local: Optional[_Address] = None
         self.tls = tls
+        self.counted = False
 
 
 class _Slots:
@@ -1302,6 +1304,9 @@ class _Slots:
         was refused before it became one (counted then)."""
         with self.lock:
             opened = self.open.pop(request, None)
+            if opened is not None and not opened.counted:
+                # process_request() raised before a thread served it.
+                self.counts["failed"] += 1
             if opened is not None and opened.host is not None:
                 self.per_client[opened.host] -= 1
                 if not self.per_client[opened.host]:
@@ -1332,6 +1337,9 @@ class _Slots:
             self.drained.discard(request)
             self.counts[_COUNTED_AS.get("drained" if drained else kind,
                                         "failed")] += 1
+            opened = self.open.get(request)
+            if opened is not None:
+                opened.counted = True
             return drained
 
     def drain(self) -> List[socket.socket]:
@@ -1400,6 +1408,7 @@ class _RequestThreads:
         self.closing = False      # server_close() has begun
         self.start_failures = 0   # threads that could not start, lately
         self.good_starts = 0      # started at once since the last failure
+        self.recovered = 0        # failures before a recovery not logged yet
 
     def take_spare(self) -> Optional[_RequestThread]:
         """Return a spare thread, taken off the list, or None.  Lock held."""
@@ -1429,9 +1438,11 @@ class _RequestThreads:
             self.threads.add(worker)
         try:
             worker.thread.start()
-        except RuntimeError as exc:
+        except BaseException as exc:
             with self.slots.lock:
-                self.threads.discard(worker)
+                self.threads.discard(worker)  # server_close() cannot join it
+            if not isinstance(exc, RuntimeError):
+                raise
             if not self.start_failures:
                 self.server.log("cannot start a request thread (%s); new "
                                 "clients wait" % (exc,), logging.WARNING)
@@ -1441,11 +1452,22 @@ class _RequestThreads:
         if self.start_failures:
             self.good_starts += 1
             if self.good_starts == _STARTS_TO_RECOVER:
-                self.server.log("request threads start again, after %d "
-                                "failures" % self.start_failures,
-                                logging.WARNING)
+                # Logged by report_recovery(): what log() raised here would
+                # look like a failed start of a thread that runs its job.
+                with self.slots.lock:
+                    self.recovered = self.start_failures
                 self.start_failures = 0
         return True
+
+    def report_recovery(self) -> None:
+        """Log that threads start again, if they do since the last call.
+        Called by serve_forever()'s thread with service_actions(), and
+        as it returns."""
+        with self.slots.lock:
+            failures, self.recovered = self.recovered, 0
+        if failures:
+            self.server.log("request threads start again, after %d failures"
+                            % failures, logging.WARNING)
 
     def wait_for_spare(self, failures: int
                        ) -> Tuple[Optional[_RequestThread], bool]:
@@ -1591,7 +1613,7 @@ class _AcceptLoop:
                 break
             if any(key.fileobj is server for key, _ in ready):
                 self.accept_batch()
-            server.service_actions()
+            self.service_actions()
 
     def accept_batch(self) -> None:
         """Accept a ready connection, and those that came with it."""
@@ -1613,10 +1635,9 @@ class _AcceptLoop:
             try:
                 with self.slots.lock:
                     self.led = self.lead_out = True
-                if not self.pass_lead():
+                if not self.hand_out():
                     with self.slots.lock:
                         self.led = False
-                    self.return_lead()
                     self.accept_here(selector, poll_interval)
                     return
                 self.supervise(poll_interval)
@@ -1634,6 +1655,8 @@ class _AcceptLoop:
         while True:
             wait = max(0.0, actions_at - time.monotonic())
             with self.slots.lock:
+                if self.lead_out:  # a request thread took it meanwhile
+                    failures = 0
                 if failures:  # back off, as when no thread can start
                     self.vacated.wait_for(
                         self.stopped.is_set,
@@ -1646,12 +1669,15 @@ class _AcceptLoop:
                     return
                 vacant = self.take_vacant_lead()
             if vacant:
-                failures = 0 if self.pass_lead() else failures + 1
-                if failures:
-                    self.return_lead()
+                failures = 0 if self.hand_out() else failures + 1
             if time.monotonic() >= actions_at:
-                self.server.service_actions()
+                self.service_actions()
                 actions_at = time.monotonic() + poll_interval
+
+    def service_actions(self) -> None:
+        """The loop's own chores, then the server's service_actions()."""
+        self.server._request_threads.report_recovery()
+        self.server.service_actions()
 
     def take_vacant_lead(self) -> bool:
         """Take the lead if nobody has it while serving led; lock held."""
@@ -1663,7 +1689,8 @@ class _AcceptLoop:
     def end_lead(self) -> None:
         """Wake the leader, if it waits, and wait until it has ended: the
         selector must outlive it.  A KeyboardInterrupt meanwhile is raised
-        once it has."""
+        once it has; a second one at once (a leader stuck in an override's
+        verify_request() must not make Ctrl-C useless)."""
         self.request_end()
         interrupted: Optional[BaseException] = None
         while True:
@@ -1672,6 +1699,8 @@ class _AcceptLoop:
                     self.vacated.wait_for(lambda: not self.lead_out)
                 break
             except KeyboardInterrupt as exc:
+                if interrupted is not None:
+                    raise
                 interrupted = exc
         if interrupted is not None:
             raise interrupted
@@ -1702,6 +1731,19 @@ class _AcceptLoop:
             self.stopped.clear()
             self.poll_interval = None
             self.done.set()
+            self.server._request_threads.report_recovery()  # the last one
+
+    def hand_out(self) -> bool:
+        """Hand the lead on (lead_out is set): pass_lead().  If no thread
+        took it, or an exception (KeyboardInterrupt) came first, the lead
+        falls vacant.  Returns whether a thread took it."""
+        handed = False
+        try:
+            handed = self.pass_lead()
+        finally:
+            if not handed:
+                self.return_lead()
+        return handed
 
     def pass_lead(self) -> bool:
         """Hand the lead to a spare request thread, or to a new one;
@@ -1720,43 +1762,59 @@ class _AcceptLoop:
         has handed the lead on, or stop(); then serve the connection it
         left in _bound.job (outside socketserver's step, which would close
         it a second time if the handler raised SystemExit)."""
+        with self.slots.lock:
+            selector = self.selector  # this run's, or None: it has ended
         _bound.leading = True
         try:
-            self.accept_as_leader()
+            self.accept_as_leader(selector)
         except BaseException as exc:  # an override's: serve_forever() raises it
-            if not _bound.leading:
-                raise
-            self.fail(exc)
+            self.fail(exc, selector)
         finally:
             if _bound.leading:  # still ours: it falls vacant
                 _bound.leading = False
-                self.return_lead()
+                self.return_lead(selector)
         job, _bound.job = _bound.job, None
         if job is not None:
             request, client_address, threading.current_thread().name = job
             self.server.process_request_thread(request, client_address)
 
-    def accept_as_leader(self) -> None:
-        with self.slots.lock:
-            selector = self.selector
+    def accept_as_leader(self, selector: Optional[selectors.BaseSelector]
+                         ) -> None:
+        """lead()'s loop, on the selector of the run it leads in."""
         while (_bound.leading and selector is not None
                and not self.stopped.is_set()):
             ready = selector.select(self.poll_interval)
-            if self.stopped.is_set():
+            if self.stopped.is_set() or not self.runs(selector):
                 return
             if any(key.fileobj is self.server for key, _ in ready):
                 self.server._handle_request_noblock()
 
-    def fail(self, exc: BaseException) -> None:
-        """A leader's step raised: give back the slot it held for the
-        connection, and end the loop, whose thread raises exc."""
+    def runs(self, selector: Optional[selectors.BaseSelector]) -> bool:
+        """Is the run whose selector this is still on?  (A leader handed the
+        lead just as an exception ended serve_forever() may come late.)"""
         with self.slots.lock:
+            return selector is not None and selector is self.selector
+
+    def fail(self, exc: BaseException,
+             selector: Optional[selectors.BaseSelector]) -> None:
+        """A leader's step raised: give back the slot it held for the
+        connection, and end the loop, whose thread raises exc.  Nothing,
+        if that run has ended already."""
+        with self.slots.lock:
+            if selector is None or selector is not self.selector:
+                return
             self.failure = exc
-        self.slots.release_pending()
+        if _bound.leading:  # the pending slot is this thread's, not the next leader's
+            self.slots.release_pending()
         self.request_end()
 
-    def return_lead(self) -> None:
+    def return_lead(self, selector: Optional[selectors.BaseSelector] = None
+                    ) -> None:
+        """Nobody leads now.  Given a run's selector, only while that run is
+        on."""
         with self.slots.lock:
+            if selector is not None and selector is not self.selector:
+                return
             self.lead_out = False
             self.vacated.notify_all()
 
@@ -2375,14 +2433,20 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         each request's lines, INFO for the server's, WARNING for failures
         to accept.  Each request's lines are made, and this is called for
         them, only while debug is on or the logger is enabled for DEBUG.
-        When debug is on, also writes ``[prefix] message`` to sys.stderr.
-        Called from the accepting thread and request threads.
+        When debug is on, also writes ``[prefix] message`` to sys.stderr;
+        a line that cannot be written (stderr a closed pipe) is dropped, as
+        logging's handlers do.  Called from the accepting thread and request
+        threads, in the midst of handing a connection or the lead on: an
+        override must not raise either.
         """
         shown = bool(self.debug) and sys.stderr is not None
         if shown:
             prefix = DEFAULT_PREFIX if self.debug is True else self.debug
-            sys.stderr.write("[%s] %s\n" % (prefix, message))
-            sys.stderr.flush()
+            try:
+                sys.stderr.write("[%s] %s\n" % (prefix, message))
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass  # diagnostics must not stop the server
         if not shown or logger.hasHandlers():
             # Unconfigured, logging would print a WARNING on stderr again.
             logger.log(level, "%s", message)
@@ -2506,20 +2570,14 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             # The lead goes on (or falls vacant: no thread could take it,
             # and the next one free takes it), then this thread serves.
             _bound.leading = False
-            handed = False
-            try:
-                handed = self._loop.pass_lead()
-            finally:  # whatever pass_lead() raised, the lead is not lost
-                if not handed:
-                    self._loop.return_lead()
+            self._loop.hand_out()
             _bound.job = job
         elif spare is not None:
             spare.hand(job)
         elif not self._request_threads.start(job):
             self.log("refused %s: no request thread could start before the "
                      "server stopped" % (_host(client_address),), logging.INFO)
-            with slots.lock:
-                slots.counts["refused"] += 1
+            slots.end(request, "refused")
             self.close_request(request)
 
     # -- a request's own thread ---------------------------------------------

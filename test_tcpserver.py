@@ -537,6 +537,18 @@ class TestHooks(ServerTestCase):
         self.assertEqual([r for r in records if r.levelno >= logging.WARNING], [])
         self.assertEqual(len(calls), 4)
 
+    def test_a_broken_stderr_does_not_stop_the_server(self):
+        class Broken(io.StringIO):
+            def write(self, text):
+                raise BrokenPipeError(errno.EPIPE, "stderr is a closed pipe")
+
+        self.capture("stderr")
+        sys.stderr = Broken()
+        server = self.start(lambda: print("hi"), max_requests=1, debug=True)
+        self.assertEqual([self.talk(server) for _ in range(3)], [b"hi\n"] * 3)
+        self.stop(server)
+        self.assertEqual(server.stats()["completed"], 3)
+
     def test_what_verify_request_raises_closes_that_connection(self):
         # An error costs that connection (and a traceback); serving goes on.
         def verify(request, client_address):
@@ -2272,6 +2284,54 @@ class TestThreadsThatCannotStart(ServerTestCase):
         self.stop(server)
         self.assertEqual(server.stats()["completed"], 4)
         self.assertEqual(stderr.getvalue().count("cannot start a request thread"), 1)
+
+    def test_a_thread_start_that_raises_costs_that_client_only(self):
+        server, stderr = self.start_logged(lambda: print("hi"))
+        self.assertEqual(self.talk(server), b"hi\n")  # a thread has the lead
+        original, failed = threading.Thread.start, []
+
+        def start(thread):
+            if thread.name.startswith("tcpserver-") and not failed:
+                failed.append(thread.name)
+                raise ValueError("Thread.start() failed on purpose")
+            return original(thread)
+
+        with unittest.mock.patch.object(threading.Thread, "start", start):
+            self.assertEqual(self.talk(server), b"")  # closed: its lead went nowhere
+            self.assertEqual([self.talk(server) for _ in range(3)], [b"hi\n"] * 3)
+        self.stop(server)
+        self.assertEqual(failed, ["tcpserver-leader"])
+        self.assertEqual(stderr.getvalue().count("ValueError: Thread.start() failed"), 1)
+        stats = server.stats()
+        self.assertEqual((stats["accepted"], stats["completed"], stats["failed"]), (5, 4, 1))
+
+    def test_a_ctrl_c_while_the_lead_is_handed_out_ends_serve_forever(self):
+        original, fired = tcpserver._RequestThreads.try_start, []
+
+        def try_start(threads, job):
+            if not fired and threading.current_thread().name == "serve":
+                fired.append(job)
+                raise KeyboardInterrupt  # as if SIGINT landed just here
+            return original(threads, job)
+
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), lambda: print("hi"))
+        self.addCleanup(server.server_close)
+        raised = []
+
+        def serve():
+            try:
+                server.serve_forever(0.01)
+            except KeyboardInterrupt as exc:
+                raised.append(exc)
+
+        with unittest.mock.patch.object(tcpserver._RequestThreads, "try_start", try_start):
+            thread = threading.Thread(target=serve, name="serve")
+            thread.start()
+            thread.join(TIMEOUT)
+        self.assertFalse(thread.is_alive(), "serve_forever() did not end")
+        self.assertEqual(len(raised), 1)
+        self.serve(server)  # and it serves again
+        self.assertEqual(self.talk(server), b"hi\n")
 
     def test_shutdown_is_prompt_and_the_waiting_client_is_refused(self):
         # No thread can take the lead either: the server accepts the classic
