@@ -1264,7 +1264,8 @@ class TestLimit(ServerTestCase):
         self.assertEqual((stats["accepted"], stats["refused"], stats["active"]), (20, 0, 0))
         self.assertLessEqual(stats["peak_active"], 2)
 
-    def test_shutdown_is_prompt_while_all_slots_are_busy(self):
+    def busy_server(self):
+        """A server whose one slot a thunk holds; returns (server, release)."""
         started, release = threading.Event(), threading.Event()
         self.addCleanup(release.set)
 
@@ -1275,6 +1276,10 @@ class TestLimit(ServerTestCase):
         server = self.start(thunk, max_requests=1)
         self.connect(server)
         self.assertTrue(started.wait(TIMEOUT))
+        return server, release
+
+    def test_shutdown_is_prompt_while_all_slots_are_busy(self):
+        server, release = self.busy_server()
         waiting = [self.connect(server) for _ in range(5)]
         began = time.monotonic()
         server.shutdown()
@@ -1308,16 +1313,7 @@ class TestLimit(ServerTestCase):
                           stats["completed"], stats["peak_active"]), (6, 0, 3, 3, 1))
 
     def test_handle_request_waits_for_a_slot_no_longer_than_timeout(self):
-        started, release = threading.Event(), threading.Event()
-        self.addCleanup(release.set)
-
-        def thunk():
-            started.set()
-            release.wait(TIMEOUT)
-
-        server = self.start(thunk, max_requests=1)
-        self.connect(server)
-        self.assertTrue(started.wait(TIMEOUT))
+        server, release = self.busy_server()
         server.shutdown()
         server.timeout = 0.05
         self.connect(server)  # in the listen queue: handle_request() may see it
