@@ -80,6 +80,12 @@ def describe_fds(fds):
     return described
 
 
+def echo_lines():
+    """A thunk that answers each line with "echo LINE" until the input ends."""
+    while True:
+        print("echo", input())
+
+
 def read_all(sock):
     """Read from sock until the peer closes; each recv is bounded by its timeout."""
     chunks = []
@@ -1162,11 +1168,7 @@ class TestStreams(ServerTestCase):
     def test_eof_on_input_ends_the_request_normally(self):
         stderr = self.capture("stderr")
 
-        def thunk():
-            while True:
-                print("echo", input())
-
-        server = self.start(thunk, debug=True)
+        server = self.start(echo_lines, debug=True)
         self.assertEqual(self.talk(server, b"a\nb\n"), b"echo a\necho b\n")
         self.stop(server)
         self.assertNotIn("Traceback", stderr.getvalue())
@@ -1886,11 +1888,7 @@ class TestTLS(ServerTestCase):
     def test_a_renegotiation_attempt_costs_one_line_and_a_reset(self):
         stderr = self.capture("stderr")
 
-        def thunk():
-            while True:
-                print("echo", input())
-
-        server = self.start_tls(thunk, debug=True)
+        server = self.start_tls(echo_lines, debug=True)
         client = subprocess.Popen(
             ["openssl", "s_client", "-tls1_2", "-connect",
              "127.0.0.1:%d" % server.server_address[1]],
