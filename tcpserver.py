@@ -75,6 +75,7 @@ __all__ = [
     "tcp_listen",
 ]
 
+import codecs
 import contextlib
 import errno
 import importlib.util
@@ -186,6 +187,28 @@ def _check_seconds(name: str, value: object, zero_ok: bool = False) -> None:
                         % (name, expected, type(value).__name__))
     if not (value >= 0 if zero_ok else value > 0):
         raise ValueError("%s must be %s, not %r" % (name, expected, value))
+
+
+# The longest wait poll() and epoll take in one call: their timeout is an
+# int of milliseconds.  A longer wait is made of several.
+_LONGEST_POLL = (2 ** 31 - 1) // 1000  # seconds, about 24.8 days
+
+
+def _wait_time(seconds: Optional[float]) -> Optional[float]:
+    """Return seconds as a timeout every lock and socket takes: None (no
+    limit) for None and for a duration beyond threading.TIMEOUT_MAX (inf,
+    1e300, 10**30: at least 49 days, 292 years on most systems), which no
+    wait could take and nobody could tell from no limit at all."""
+    if seconds is None or seconds > threading.TIMEOUT_MAX:
+        return None
+    return seconds
+
+
+def _poll_time(seconds: Optional[float]) -> Optional[float]:
+    """Return seconds as a timeout for one select() or poll(), for a caller
+    that waits again if it ran out early: at most _LONGEST_POLL."""
+    seconds = _wait_time(seconds)
+    return None if seconds is None else min(seconds, _LONGEST_POLL)
 
 
 def _networks(name: str, value: Any) -> List[Any]:
@@ -389,6 +412,7 @@ def read_proxy_header(conn: socket.socket, timeout: Optional[float] = None
     timeout says.  Raises ProxyHeaderError for a missing, malformed,
     truncated or oversized header, and socket.timeout when time runs out.
     """
+    timeout = _wait_time(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     start = _read_exactly(conn, 12, deadline)
     if start == _PROXY_V2_SIGNATURE:
@@ -769,7 +793,8 @@ def _poll_ready(sock: socket.socket, read: bool,
     (or writable); return False if time ran out."""
     poller = select.poll()
     poller.register(sock, select.POLLIN if read else select.POLLOUT)
-    return bool(poller.poll(None if timeout is None else timeout * 1000))
+    return _until(lambda wait: bool(poller.poll(
+        None if wait is None else wait * 1000)), timeout)
 
 
 def _select_ready(sock: socket.socket, read: bool,
@@ -777,8 +802,25 @@ def _select_ready(sock: socket.socket, read: bool,
     """_poll_ready() for Windows, which has no poll(), and whose select()
     has no limit on descriptor numbers."""
     waiting = [sock]
-    return any(select.select(waiting if read else [],
-                             [] if read else waiting, [], timeout)[:2])
+    return _until(lambda wait: any(select.select(
+        waiting if read else [], [] if read else waiting, [], wait)[:2]),
+        timeout)
+
+
+def _until(ready: Callable[[Optional[float]], bool],
+           timeout: Optional[float]) -> bool:
+    """Return ready(wait) once it is True, or False after timeout seconds
+    (None: no limit), waiting again as long as one wait cannot cover them."""
+    if _wait_time(timeout) is None:
+        return ready(_poll_time(timeout))
+    assert timeout is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(0.0, deadline - time.monotonic())
+        if ready(_poll_time(left)):
+            return True
+        if left <= _LONGEST_POLL:
+            return False
 
 
 _ready = _poll_ready if hasattr(select, "poll") else _select_ready
@@ -874,86 +916,103 @@ def _raw_writer(sock: socket.socket, timeout: Optional[float]
     return _SocketWriter(sock)
 
 
-class _CappedLines:
-    """readline() that refuses lines longer than max_line (None: no cap).
+# What a thunk's binary stream drops before its next read returns anything
+# (_BinaryReader.drop), so that each read of either layer starts where the
+# last line ended:
+_KEEP = 0         # nothing
+_AN_LF = 1        # an LF, if it comes next: sys.stdin's last line ended at a
+                  # CR, and a CRLF's LF had not come yet
+_TO_LF = 2        # the rest of a line too long for sys.stdin.buffer, to its LF
+_TO_LINE_END = 3  # the rest of a line too long for sys.stdin, to its CR or LF
 
-    A mixin in front of io.BufferedReader (max_line counts bytes) or
-    io.TextIOWrapper (characters).  Iteration and readlines() go through
-    readline(), so one check covers them, and memory stays bounded by
-    max_line.  The part of a refused line read so far is dropped.
+
+def _line_end(data: bytes, cr_ends: bool) -> int:
+    """Return the index of the first line end in data, or -1: its first LF,
+    or its first CR or LF if cr_ends."""
+    lf = data.find(b"\n")
+    if not cr_ends:
+        return lf
+    cr = data.find(b"\r", 0, len(data) if lf < 0 else lf)
+    return lf if cr < 0 else cr
+
+
+def _too_long(limit: int, unit: str) -> LineTooLong:
+    return LineTooLong("line longer than max_line=%d %s" % (limit, unit))
+
+
+class _BinaryReader(io.BufferedReader):
+    """sys.stdin.buffer of a thunk.
+
+    readline() (and so iteration and readlines()) is capped at max_line
+    bytes (None: no cap), the line end (LF or CRLF) not counted.  A line
+    too long raises LineTooLong; the rest of it, to its LF, is dropped
+    before the next read returns anything, as is the LF of a CRLF whose CR
+    ended sys.stdin's last line (see drop): each read starts where the
+    last line of either layer ended.
     """
 
     max_line: Optional[int] = None
 
-    def readline(self, size: Optional[int] = -1) -> Any:
+    def __init__(self, raw: io.RawIOBase, size: int) -> None:
+        super().__init__(raw, size)
+        self.drop = _KEEP
+
+    def dropped(self) -> None:
+        """Drop what drop says, reading as far as that needs."""
+        while self.drop:
+            data = io.BufferedReader.peek(self)
+            if self.drop == _AN_LF or not data:
+                if data.startswith(b"\n"):
+                    io.BufferedReader.read(self, 1)
+                self.drop = _KEEP
+                continue
+            end = _line_end(data, self.drop == _TO_LINE_END)
+            io.BufferedReader.read(self, len(data) if end < 0 else end + 1)
+            if end >= 0:
+                self.drop = _AN_LF if data[end] == 13 else _KEEP
+
+    def readline(self, size: Optional[int] = -1) -> bytes:
+        if self.drop:
+            self.dropped()
         limit = self.max_line
         size = -1 if size is None else size
-        if limit is None or 0 <= size <= limit:
-            return super().readline(size)  # type: ignore[misc]
-        line = super().readline(limit + 1)  # type: ignore[misc]
-        if len(line) > limit and line[-1:] not in ("\n", b"\n"):
-            raise LineTooLong("line longer than max_line=%d %s" % (
-                limit, "bytes" if isinstance(line, bytes) else "characters"))
+        if limit is None or 0 <= size <= limit + 1:
+            return super().readline(size)
+        # Enough for limit bytes and a CRLF; sys.maxsize at most.
+        line = super().readline(min(limit, sys.maxsize - 2) + 2)
+        length = len(line)
+        if line.endswith(b"\n"):
+            length -= 2 if line.endswith(b"\r\n") else 1
+        elif length > limit:
+            self.drop = _TO_LF
+        if length > limit:
+            raise _too_long(limit, "bytes")
         return line
 
-
-class _BinaryReader(_CappedLines, io.BufferedReader):
-    """sys.stdin.buffer of a thunk: readline() capped at max_line bytes."""
-
-
-class _LineEnds(io.BufferedIOBase):
-    """Reads a binary stream with each CR and CRLF turned into LF.
-
-    Sits between sys.stdin.buffer and the text layer of a thunk's stdin,
-    so a line the client ends with a bare CR is answered at once, as the
-    egg's read-line does: the text layer's own universal newlines would
-    wait for the next byte to see whether LF follows.  Only for encodings
-    in which the bytes CR and LF always mean those characters.
-    """
-
-    def __init__(self, stream: io.BufferedReader, chunk: int) -> None:
-        super().__init__()
-        self._stream = stream
-        # The most one read takes: what it allocates is held while the
-        # client is silent (the text layer would ask for 8 KiB).
-        self._chunk = max(1, chunk)
-        self._after_cr = False  # the last byte read was CR: drop one LF
-
-    def readable(self) -> bool:
-        return True
-
-    @property
-    def name(self) -> Any:
-        return self._stream.name
+    def read(self, size: Optional[int] = -1) -> bytes:
+        if self.drop:
+            self.dropped()
+        return super().read(size)
 
     def read1(self, size: int = -1) -> bytes:
-        data = self._stream.read1(self._chunk if size < 0
-                                  else min(size, self._chunk))
-        if not self._after_cr and b"\r" not in data:
-            return data  # the common case: nothing to change
-        return self._translated(data, self._stream.read1, size)
+        if self.drop:
+            self.dropped()
+        return super().read1(size)
 
-    def read(self, size: Optional[int] = -1) -> bytes:
-        return self._translated(self._stream.read(size), self._stream.read,
-                                size)
+    def readinto(self, buffer: Any) -> int:
+        if self.drop:
+            self.dropped()
+        return super().readinto(buffer)
 
-    def _translated(self, data: bytes, read: Callable[[Any], bytes],
-                    size: Any) -> bytes:
-        """Return data with CR and CRLF as LF, reading on with read(size)
-        if all it held was the LF of a CRLF split between two reads."""
-        if self._after_cr and data.startswith(b"\n"):
-            data = data[1:]
-            self._after_cr = False
-            if not data:
-                data = read(size)  # b"" would mean the end of input
-        if data:
-            self._after_cr = data.endswith(b"\r")
-            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        return data
+    def readinto1(self, buffer: Any) -> int:
+        if self.drop:
+            self.dropped()
+        return super().readinto1(buffer)
 
-    def close(self) -> None:
-        super().close()
-        self._stream.close()
+    def peek(self, size: int = 0) -> bytes:
+        if self.drop:
+            self.dropped()
+        return super().peek(size)
 
 
 def _cr_is_a_byte(encoding: str) -> bool:
@@ -961,25 +1020,183 @@ def _cr_is_a_byte(encoding: str) -> bool:
     return "\r\n".encode(encoding) == b"\r\n"
 
 
-class _TextReader(_CappedLines, io.TextIOWrapper):
-    """sys.stdin of a thunk: readline() capped at max_line characters.
+class _TextReader(io.TextIOBase):
+    """sys.stdin of a thunk, for an encoding that writes CR and LF as the
+    bytes 13 and 10 (most do; see _cr_is_a_byte()).
 
-    Its buffer attribute is the binary stream of the connection, whatever
-    stands in between (_LineEnds).
+    It takes from its binary stream, the buffer attribute, exactly the
+    bytes of what it returns, so what follows a line is still there for
+    sys.stdin.buffer to read.  Lines end at LF, CRLF or a bare CR, as the
+    egg's read-line has it: a line ended by a CR is returned at once, and
+    the LF of a CRLF that comes later is dropped by the next read of
+    either layer.  readline() is capped at max_line characters, the line
+    end not counted; the rest of a line too long is dropped, to its end,
+    before the next read returns anything.
     """
 
-    def __init__(self, binary: io.BufferedReader, encoding: str,
-                 errors: str, chunk: int) -> None:
+    max_line: Optional[int] = None
+
+    def __init__(self, binary: _BinaryReader, encoding: str,
+                 errors: str) -> None:
+        super().__init__()
         self._binary = binary
-        if _cr_is_a_byte(encoding):
-            super().__init__(_LineEnds(binary, chunk), encoding=encoding,
-                             errors=errors, newline="\n")
-        else:  # universal newlines: a bare CR waits for the next character
-            super().__init__(binary, encoding=encoding, errors=errors)
+        self._encoding = encoding
+        self._errors = errors
+        # For a character that comes in pieces, as a line too long or
+        # read(n) may cut it; _pending says that it holds the first bytes.
+        self._decoder = codecs.getincrementaldecoder(encoding)(errors)
+        self._pending = False
 
     @property
-    def buffer(self) -> io.BufferedReader:
+    def buffer(self) -> _BinaryReader:
         return self._binary
+
+    # Read-only, as TextIOWrapper's; typeshed has them writable.
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._encoding
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return self._errors
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._binary.fileno()
+
+    # typeshed gives every IOBase's readline() bytes: hence the ignore.
+    def readline(self, size: Optional[int] = -1) -> str:  # type: ignore[override]
+        binary = self._binary
+        if binary.drop:
+            binary.dropped()
+        room = sys.maxsize if size is None or size < 0 else size
+        pieces: List[str] = []
+        length = 0  # characters in pieces
+        while room > 0:
+            data = io.BufferedReader.peek(binary)
+            if not data:
+                pieces.append(self._decoded(b"", True))
+                break
+            # Each byte is at most one character: room bytes are enough.
+            end = _line_end(data[:room], True)
+            if end >= 0:
+                io.BufferedReader.read(binary, self._line_end_taken(data, end))
+                text = self._decoded(data[:end], True)
+                if self.max_line is not None and length + len(text) > self.max_line:
+                    self._refuse_line(True)
+                return "".join(pieces) + text + "\n"
+            piece = data[:room]
+            io.BufferedReader.read(binary, len(piece))
+            text = self._decoded(piece, False)
+            pieces.append(text)
+            length += len(text)
+            room -= len(text)
+            if self.max_line is not None and length > self.max_line:
+                self._refuse_line(False)
+        return "".join(pieces)
+
+    def _line_end_taken(self, data: bytes, end: int) -> int:
+        """Return how many bytes of data a line ending at data[end] takes:
+        a CRLF whole; a CR at the end of data, leaving its LF, if one comes,
+        for the binary stream to drop."""
+        if data[end] == 13:  # CR
+            if end + 1 == len(data):
+                self._binary.drop = _AN_LF
+            elif data[end + 1] == 10:
+                return end + 2
+        return end + 1
+
+    def _refuse_line(self, ended: bool) -> NoReturn:
+        """Raise LineTooLong; unless the line ended, its rest is dropped
+        before the next read."""
+        if not ended:
+            self._binary.drop = _TO_LINE_END
+            self._decoder.reset()
+            self._pending = False
+        assert self.max_line is not None
+        raise _too_long(self.max_line, "characters")
+
+    def _decoded(self, data: bytes, final: bool) -> str:
+        """Return data decoded, after what a last call left pending."""
+        if final and not self._pending:
+            return data.decode(self._encoding, self._errors)
+        self._pending = not final
+        text: str = self._decoder.decode(data, final)
+        return text
+
+    def read(self, size: Optional[int] = -1) -> str:
+        binary = self._binary
+        if size is None or size < 0:
+            if binary.drop:
+                binary.dropped()
+            return self._translated(io.BufferedReader.read(binary), True)
+        pieces: List[str] = []
+        room = size
+        while room > 0:
+            if binary.drop:
+                binary.dropped()
+            data = io.BufferedReader.read1(binary, room)
+            text = self._translated(data, not data)
+            if not data:
+                pieces.append(text)
+                break
+            pieces.append(text)
+            room -= len(text)
+        return "".join(pieces)
+
+    def _translated(self, data: bytes, final: bool) -> str:
+        """Return data decoded, with each CRLF and CR as LF; a CR at its end
+        leaves the LF that may follow for the binary stream to drop."""
+        if data.endswith(b"\r"):
+            self._binary.drop = _AN_LF
+        return self._decoded(data.replace(b"\r\n", b"\n").replace(b"\r", b"\n"),
+                             final)
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self._binary.close()
+
+
+class _WideTextReader(io.TextIOWrapper):
+    """sys.stdin of a thunk whose encoding writes CR or LF in more than one
+    byte (UTF-16): Python's own text layer, which reads ahead (what
+    follows a line is not left in the buffer for sys.stdin.buffer) and
+    waits for the character after a CR to see whether an LF follows.
+    readline() is capped at max_line characters, as _TextReader's, and the
+    rest of a line too long is dropped too.
+    """
+
+    max_line: Optional[int] = None
+    _dropping = False  # the rest of a line too long is to be dropped
+
+    def readline(self, size: Optional[int] = -1) -> str:  # type: ignore[override]
+        while self._dropping:
+            rest = super().readline(DEFAULT_MAX_LINE)
+            self._dropping = bool(rest) and not rest.endswith("\n")
+        limit = self.max_line
+        size = -1 if size is None else size
+        if limit is None or 0 <= size <= limit:
+            line: str = super().readline(size)
+            return line
+        line = super().readline(min(limit, sys.maxsize - 1) + 1)
+        if len(line) > limit and not line.endswith("\n"):
+            self._dropping = True
+            raise _too_long(limit, "characters")
+        return line
+
+
+_TextStdin = Union[_TextReader, _WideTextReader]
+
+
+def _buffer_size(size: int) -> int:
+    """Return a handler's rbufsize or wbufsize as io's buffers take it,
+    with socketserver's meanings too: a negative size is
+    io.DEFAULT_BUFFER_SIZE; 0, unbuffered, is one byte (nothing read ahead
+    or held back)."""
+    return io.DEFAULT_BUFFER_SIZE if size < 0 else max(size, 1)
 
 
 class ThunkHandler(socketserver.StreamRequestHandler):
@@ -1041,7 +1258,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         """Make rfile, wfile and the text streams stdin, stdout on the connection."""
         self.connection = self.request
         self.local_address = self.server.local_address(self.request)
-        if self.timeout is not None:
+        if _wait_time(self.timeout) is not None:
             self.connection.settimeout(self.timeout)
         if self.disable_nagle_algorithm:
             self.connection.setsockopt(socket.IPPROTO_TCP,
@@ -1052,33 +1269,38 @@ class ThunkHandler(socketserver.StreamRequestHandler):
             # however steadily the client moves: the streams wait instead.
             self.connection.settimeout(0.0)
         self.wfile = io.BufferedWriter(
-            _raw_writer(self.connection, self._timeout), self.wbufsize)
+            _raw_writer(self.connection, self._timeout),
+            _buffer_size(self.wbufsize))
         self.stdout = io.TextIOWrapper(self.wfile, encoding=self.encoding,
                                        errors=self.encode_errors,
                                        newline=self.newline,
                                        line_buffering=self.line_buffering)
         # Made on first use: many thunks never read.
         self._rfile: Optional[_BinaryReader] = None
-        self._stdin: Optional[_TextReader] = None
+        self._stdin: Optional[_TextStdin] = None
 
     @property
-    def rfile(self) -> io.BufferedReader:  # type: ignore[override]
+    def rfile(self) -> _BinaryReader:  # type: ignore[override]
         """The binary input stream, sys.stdin.buffer (made on first use)."""
         if self._rfile is None:
             self._reader = _raw_reader(self.connection, self.stdout,
                                        self._timeout)
-            rfile = _BinaryReader(self._reader, self.rbufsize)
+            rfile = _BinaryReader(self._reader, _buffer_size(self.rbufsize))
             rfile.max_line = self.server.max_line
             self._rfile = rfile
         return self._rfile
 
     @property
-    def stdin(self) -> "_TextReader":
+    def stdin(self) -> "_TextStdin":
         """The text input stream, the thunk's sys.stdin (made on first use)."""
         if self._stdin is None:
-            stdin = _TextReader(self.rfile, encoding=self.encoding,
-                                errors=self.decode_errors,
-                                chunk=self.rbufsize)
+            stdin: _TextStdin
+            if _cr_is_a_byte(self.encoding):
+                stdin = _TextReader(self.rfile, self.encoding,
+                                    self.decode_errors)
+            else:
+                stdin = _WideTextReader(self.rfile, encoding=self.encoding,
+                                        errors=self.decode_errors)
             stdin.max_line = self.server.max_line
             self._stdin = stdin
         return self._stdin
@@ -1143,10 +1365,11 @@ def _check_drain(name: str, value: object) -> None:
     _check_seconds(name, value, zero_ok=True)
 
 
-def _check_duration(name: str, value: object) -> None:
+def _check_duration(name: str, value: object, zero_ok: bool = False) -> None:
     if value is None:
-        raise TypeError("%s must be a number of seconds > 0, not None" % name)
-    _check_seconds(name, value)
+        raise TypeError("%s must be a number of seconds %s, not None"
+                        % (name, ">= 0" if zero_ok else "> 0"))
+    _check_seconds(name, value, zero_ok)
 
 
 def _check_flag(name: str, value: object) -> None:
@@ -1169,6 +1392,37 @@ def _check_debug(name: str, value: object) -> None:
 
 def _check_networks(name: str, value: object) -> None:
     _networks(name, value)
+
+
+# The largest rbufsize or wbufsize of a ThunkHandler: each connection
+# allocates its buffers whole, at once.
+_MAX_BUFFER = 2 ** 30
+
+
+def _check_handler(handler: Type[ThunkHandler]) -> None:
+    """Raise TypeError or ValueError for a class attribute of a ThunkHandler
+    that no connection could be served with."""
+    name = handler.__name__
+    for size in ("rbufsize", "wbufsize"):
+        _check_int("%s.%s" % (name, size), getattr(handler, size),
+                   -sys.maxsize, _MAX_BUFFER,
+                   "an int of at most %d bytes (< 0: the default, 0: "
+                   "unbuffered)" % _MAX_BUFFER)
+    _check_seconds(name + ".timeout", handler.timeout)
+    if handler.newline not in ("\n", "\r\n", "\r"):
+        raise ValueError("%s.newline must be '\\n', '\\r\\n' or '\\r', not %r"
+                         % (name, handler.newline))
+    for attribute, lookup in (("encoding", codecs.lookup),
+                              ("decode_errors", codecs.lookup_error),
+                              ("encode_errors", codecs.lookup_error)):
+        value = getattr(handler, attribute)
+        if not isinstance(value, str):
+            raise TypeError("%s.%s must be a str, not %s"
+                            % (name, attribute, type(value).__name__))
+        try:
+            lookup(value)
+        except LookupError as exc:
+            raise ValueError("%s.%s: %s" % (name, attribute, exc)) from None
 
 
 _SETTINGS: Dict[str, Callable[[str, Any], None]] = {
@@ -1262,7 +1516,7 @@ class _Slots:
                 logging.INFO)
         with self.lock:
             self.freed.wait_for(lambda: self.stopping or self.taken < limit,
-                                timeout)
+                                _wait_time(timeout))
             if self.stopping or self.taken >= limit:
                 raise OSError("no request slot is free")
             self.taken += 1
@@ -1492,9 +1746,11 @@ class _RequestThreads:
                     self.server.process_request_thread(request,
                                                        client_address)
                 self.wait_for_job(worker)
-        finally:
+        finally:  # its end, or an exception: it can take no job now
             with self.slots.lock:
                 self.threads.discard(worker)
+                if worker in self.spare:
+                    self.spare.remove(worker)
 
     def wait_for_job(self, worker: _RequestThread) -> None:
         """Wait as a spare thread until handed a job; leave worker.job None
@@ -1509,7 +1765,8 @@ class _RequestThreads:
                 return
             self.spare.append(worker)
             self.slots.freed.notify()  # for wait_for_spare(), if it waits
-        if worker.wake.acquire(timeout=self.server.spare_thread_lifetime):
+        lifetime = _wait_time(self.server.spare_thread_lifetime)
+        if worker.wake.acquire(timeout=-1 if lifetime is None else lifetime):
             return
         with self.slots.lock:
             if worker in self.spare:  # nobody took it in time: retire
@@ -1608,7 +1865,7 @@ class _AcceptLoop:
         _handle_request_noblock(); service_actions() after each wake."""
         server = self.server
         while not self.stopped.is_set():
-            ready = selector.select(poll_interval)
+            ready = selector.select(_poll_time(poll_interval))
             if self.stopped.is_set():
                 break
             if any(key.fileobj is server for key, _ in ready):
@@ -1664,7 +1921,7 @@ class _AcceptLoop:
                 else:
                     self.vacated.wait_for(
                         lambda: self.stopped.is_set() or not self.lead_out,
-                        wait)
+                        _wait_time(wait))
                 if self.stopped.is_set():
                     return
                 vacant = self.take_vacant_lead()
@@ -1709,25 +1966,34 @@ class _AcceptLoop:
     def waiting(self, poll_interval: float
                 ) -> Iterator[selectors.BaseSelector]:
         """While serving: the selector that waits for connections and for
-        stop(), and the state that stop() and done tell of."""
-        self.done.clear()
-        self.poll_interval = poll_interval
-        woken, wake = socket.socketpair()
-        selector = selectors.DefaultSelector()
-        selector.register(self.server, selectors.EVENT_READ)
-        selector.register(woken, selectors.EVENT_READ)
+        stop(), and the state that stop() and done tell of.  Raises
+        RuntimeError if the loop runs already (in another thread): one
+        loop would not keep the other's max_requests."""
         with self.slots.lock:
-            self.wake, self.selector = wake, selector
+            if self.poll_interval is not None:
+                raise RuntimeError("serve_forever() is running already, in "
+                                   "another thread: a server serves in one "
+                                   "loop at a time")
+            self.poll_interval = poll_interval
+        self.done.clear()
         try:
-            yield selector
+            with contextlib.ExitStack() as made:  # closed however this ends
+                woken, wake = socket.socketpair()
+                made.callback(woken.close)
+                made.callback(wake.close)
+                selector = made.enter_context(selectors.DefaultSelector())
+                selector.register(self.server, selectors.EVENT_READ)
+                selector.register(woken, selectors.EVENT_READ)
+                with self.slots.lock:
+                    self.wake, self.selector = wake, selector
+                try:
+                    yield selector
+                finally:
+                    with self.slots.lock:
+                        self.wake = self.selector = None
+                        self.led = self.slots.stopping = False
+                    self.server._request_threads.release_spare()
         finally:
-            with self.slots.lock:
-                self.wake = self.selector = None
-                self.led = self.slots.stopping = False
-            self.server._request_threads.release_spare()
-            selector.close()
-            woken.close()
-            wake.close()
             self.stopped.clear()
             self.poll_interval = None
             self.done.set()
@@ -1783,7 +2049,7 @@ class _AcceptLoop:
         """lead()'s loop, on the selector of the run it leads in."""
         while (_bound.leading and selector is not None
                and not self.stopped.is_set()):
-            ready = selector.select(self.poll_interval)
+            ready = selector.select(_poll_time(self.poll_interval))
             if self.stopped.is_set() or not self.runs(selector):
                 return
             if any(key.fileobj is self.server for key, _ in ready):
@@ -1898,7 +2164,7 @@ class _ConnectionSetup:
         with slots.lock:
             opened = slots.open.get(request)
         if opened is not None and opened.tls:
-            request.settimeout(server.handshake_timeout)
+            request.settimeout(_wait_time(server.handshake_timeout))
             request.do_handshake()  # type: ignore[attr-defined]
             request.settimeout(None)
         local, peer = server.get_addresses(request)
@@ -1917,6 +2183,7 @@ class _ConnectionSetup:
 
 def _join(threads: List[threading.Thread], timeout: Optional[float]) -> bool:
     """Join threads within timeout seconds in all (None: wait); True if all ended."""
+    timeout = _wait_time(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     for thread in threads:
         thread.join(None if deadline is None
@@ -2248,9 +2515,12 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         for name, check in _SETTINGS.items():
             check(name, getattr(self, name))
         handler = getattr(self, "RequestHandlerClass", None)
-        if self.thunk is None and _runs_thunks(handler):
-            raise TypeError("thunk must be callable when RequestHandlerClass"
-                            " is a ThunkHandler, not None")
+        if handler is not None and _runs_thunks(handler):
+            if self.thunk is None:
+                raise TypeError("thunk must be callable when "
+                                "RequestHandlerClass is a ThunkHandler, "
+                                "not None")
+            _check_handler(handler)
         self._setup.trusted = _networks("trusted_proxies",
                                         self.trusted_proxies)
 
@@ -2326,13 +2596,27 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         request thread.  Either way shutdown() ends the loop at once, even
         while every slot is busy.
         """
-        self.check_settings()
+        self._check_serving(poll_interval)
         run = self._loop.run_led if self._leads() else self._loop.run
         if _runs_thunks(self.RequestHandlerClass):
             with _switch:
                 run(poll_interval)
         else:
             run(poll_interval)
+
+    def handle_request(self) -> None:
+        """Handle one request, as socketserver does, waiting up to the
+        parent's timeout attribute for it.  Checks the settings first, as
+        serve_forever() does.  May be extended."""
+        self.check_settings()
+        super().handle_request()
+
+    def _check_serving(self, poll_interval: float) -> None:
+        """Raise TypeError or ValueError for a bad setting (check_settings())
+        or poll_interval: a number of seconds >= 0 (inf: service_actions()
+        is never called)."""
+        _check_duration("poll_interval", poll_interval, zero_ok=True)
+        self.check_settings()
 
     def _leads(self) -> bool:
         """Can request threads accept by themselves (leader/followers)?
@@ -2373,6 +2657,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         Main thread only, as signal handlers are; the previous handlers
         come back.
         """
+        self._check_serving(poll_interval)
         with _StopSignals(self, patience):
             if ready is not None:
                 ready()
@@ -2417,7 +2702,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         if not _POSIX:
             raise NotImplementedError("worker processes need fork(), which "
                                       "this system lacks: serve in one process")
-        self.check_settings()
+        self._check_serving(poll_interval)
         _WorkerProcesses(self, workers, poll_interval).run(ready)
 
     # -- diagnostics, from any thread ---------------------------------------
@@ -2657,7 +2942,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     def _serve(self, request: socket.socket, local: _Address, peer: _Address,
                verbose: bool) -> None:
         """Run the handler on an admitted connection (finish_request())."""
-        if self.idle_timeout is not None:
+        if _wait_time(self.idle_timeout) is not None:
             request.settimeout(self.idle_timeout)
         if verbose:
             with self._slots.lock:
@@ -2680,11 +2965,25 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             return "client gone"
         if isinstance(exc, OSError) and not started:
             return "setup failed"
-        if isinstance(exc, IdleTimeout):
+        if isinstance(exc, IdleTimeout) or self._silent_client(request, exc):
             return "timed out"
         if isinstance(exc, LineTooLong):
             return "line too long"
         return "error"
+
+    def _silent_client(self, request: socket.socket,
+                       exc: BaseException) -> bool:
+        """Is exc a legacy handler's socket.timeout while the connection
+        has a timeout (idle_timeout, or the handler's own)?  Most likely
+        the client's silence then.  (A thunk's streams raise IdleTimeout,
+        so there a plain socket.timeout is some other socket's.)"""
+        if (not isinstance(exc, socket.timeout)
+                or _runs_thunks(self.RequestHandlerClass)):
+            return False
+        try:
+            return request.gettimeout() is not None
+        except OSError:  # closed meanwhile
+            return False
 
     def client_gone(self, request: socket.socket, exc: BaseException) -> bool:
         """Return True if exc means the client went away, not a bug.  May be overridden.
@@ -2823,6 +3122,8 @@ _EXIT_TEMPORARY = 111  # a failure worth retrying (address in use), djb's code
 _POSIX_COMMAND = os.name == "posix"
 _END_GRACE = 1.0       # seconds a PROGRAM's group has from SIGTERM to SIGKILL
 _EXIT_POLL = 0.02      # seconds between looks at PROGRAM's exit, without pidfd
+_PUMP_WAIT = 3600.0    # seconds one wait of the pump takes at most: poll()
+                       # cannot wait a year (--timeout), so it waits again
 
 _USAGE = ("usage: python -m tcpserver [options] HOST PORT PROGRAM [ARG ...]\n"
           "       python -m tcpserver [options] HOST PORT --call FILE.py:FUNCTION\n"
@@ -3571,11 +3872,13 @@ class _Pump:
 
     def wait(self, timeout: Optional[float],
              moved_at: float) -> Optional[float]:
-        """Seconds select() may wait: what is left of timeout, and at most
-        _EXIT_POLL once only polling shows PROGRAM's exit."""
+        """Seconds select() may wait: what is left of timeout (_PUMP_WAIT
+        at most), and at most _EXIT_POLL once only polling shows PROGRAM's
+        exit."""
         left: Optional[float] = None
         if timeout is not None:
-            left = max(0.0, moved_at + timeout - time.monotonic())
+            left = min(_PUMP_WAIT,
+                       max(0.0, moved_at + timeout - time.monotonic()))
         if self.output_done() and self.exit_fd is None:
             left = _EXIT_POLL if left is None else min(left, _EXIT_POLL)
         return left

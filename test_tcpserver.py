@@ -1121,6 +1121,46 @@ class TestStreams(ServerTestCase):
         reply = self.talk(server, "a\nb\r\nc\r\u20acd\n".encode("utf-16-le"))
         self.assertEqual(reply.decode("utf-16-le"), "['a', 'b', 'c', '\u20acd']\n")
 
+    def test_a_line_then_a_counted_body(self):
+        def thunk():
+            while True:
+                try:
+                    count = int(input())
+                except EOFError:
+                    break
+                how = input()
+                if how == "read":
+                    body = sys.stdin.buffer.read(count)
+                elif how == "read1":
+                    body = b""
+                    while len(body) < count:
+                        body += sys.stdin.buffer.read1(count - len(body))
+                else:
+                    body = sys.stdin.buffer.readline()
+                print(count, how, body)
+
+        # The client's bytes come in reads of rbufsize bytes at most: every
+        # way a read can end, the CRLF split in two included.
+        for rbufsize in (1, 2, 3, 5, tcpserver.ThunkHandler.rbufsize):
+            handler = type("Handler", (tcpserver.ThunkHandler,), {"rbufsize": rbufsize})
+            server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), handler,
+                                                             thunk=thunk))
+            for how in ("read", "read1", "readline"):
+                with self.subTest(rbufsize=rbufsize, how=how):
+                    body = b"0123456789" + (b"\n" if how == "readline" else b"")
+                    request = b"10\r\n%s\n%s" % (how.encode(), body)
+                    self.assertEqual(self.talk(server, request * 3),
+                                     b"10 %s %r\n" % (how.encode(), body) * 3)
+            self.stop(server)
+
+    def test_binary_lines_then_text_lines(self):
+        def thunk():
+            print(sys.stdin.buffer.readline(), sys.stdin.buffer.read(3), input(),
+                  sys.stdin.buffer.read(2), sys.stdin.readline(), sys.stdin.read())
+
+        reply = self.talk(self.start(thunk), b"one\r\nabctwo\r\nxythree\nfour\rfive")
+        self.assertEqual(reply, b"b'one\\r\\n' b'abc' two b'xy' three\n four\nfive\n")
+
     def test_the_binary_stream_keeps_every_cr(self):
         def thunk():
             assert sys.stdin.buffer is tcpserver.current_connection().rfile
@@ -1279,6 +1319,39 @@ class TestLimit(ServerTestCase):
         self.connect(server)
         self.assertTrue(started.wait(TIMEOUT))
         return server, release
+
+    def test_a_second_serve_forever_at_once_is_refused(self):
+        running, release = threading.Semaphore(0), threading.Event()
+        peak, lock = [0, 0], threading.Lock()
+
+        def thunk():
+            with lock:
+                peak[0] += 1
+                peak[1] = max(peak)
+            running.release()
+            release.wait(TIMEOUT)
+            with lock:
+                peak[0] -= 1
+
+        server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, 2))
+        deadline = time.monotonic() + TIMEOUT
+        while not server.serving and time.monotonic() < deadline:
+            time.sleep(0.001)  # serve_forever() has begun in its thread
+        for call in (server, server.serve_forever, server.serve_until_signalled):
+            with self.assertRaisesRegex(RuntimeError, "serve_forever\\(\\) is running already"):
+                call(poll_interval=0.01)
+        clients = [self.connect(server) for _ in range(4)]
+        for _ in range(2):
+            self.assertTrue(running.acquire(timeout=TIMEOUT))
+        self.assertFalse(running.acquire(timeout=0.05))  # the limit holds: two at once
+        release.set()
+        for _ in range(2):
+            self.assertTrue(running.acquire(timeout=TIMEOUT))
+        for sock in clients:
+            self.assertEqual(read_all(sock), b"")
+        self.assertEqual(peak[1], 2)
+        self.stop(server)
+        self.assertEqual(server.stats()["completed"], 4)
 
     def test_shutdown_is_prompt_while_all_slots_are_busy(self):
         server, release = self.busy_server()
@@ -2001,6 +2074,122 @@ class TestTimeouts(ServerTestCase):
             self.assertEqual(read_all(sock), b"timed out\n")
 
 
+class TestExtremeSettings(ServerTestCase):
+    """Every value a setting accepts works: "forever", the huge, the least."""
+
+    # No wait could take these: each means no limit.
+    FOREVER = (float("inf"), 1e300, 10 ** 30, threading.TIMEOUT_MAX * 2)
+
+    def test_forever_is_no_limit(self):
+        def thunk():
+            print(current_client(), input())
+
+        def current_client():
+            return tcpserver.current_connection().client_address[0]
+
+        header = b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 2000\r\n"
+        for name in ("timeout", "handshake_timeout", "spare_thread_lifetime",
+                     "drain_timeout", "reset_grace"):
+            for value in self.FOREVER:
+                with self.subTest(name=name, value=value):
+                    server = self.serve(tcpserver.make_tcp_server(
+                        ("127.0.0.1", 0), thunk, proxy_protocol=True, **{name: value}))
+                    for _ in range(3):  # the second and third on a spare thread
+                        self.assertEqual(self.talk(server, header + b"hi\n"),
+                                         b"192.0.2.1 hi\n")
+                    self.stop(server)
+
+    def test_a_reset_grace_of_forever_still_ends_the_drain(self):
+        started = threading.Event()
+        server = self.serve(tcpserver.make_tcp_server(
+            ("127.0.0.1", 0), lambda: (started.set(), input()), drain_timeout=0.01,
+            reset_grace=float("inf")))
+        stderr = self.capture("stderr")
+        with self.connect(server) as sock:
+            self.assertTrue(started.wait(TIMEOUT))
+            self.stop(server)  # drains: a reset wakes input() at once
+            with self.assertRaises(ConnectionResetError):
+                read_all(sock)
+        self.assertEqual(server.stats()["failed"], 1)
+        self.assertIn("resetting 1 requests still running after the 0.01 s drain",
+                      stderr.getvalue())
+
+    def test_a_handler_timeout_of_forever(self):
+        class Patient(tcpserver.ThunkHandler):
+            timeout = float("inf")
+
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), Patient,
+                                                         thunk=lambda: print(input())))
+        self.assertEqual(self.talk(server, b"hi\n"), b"hi\n")
+
+    def test_the_largest_counts(self):
+        server = self.serve(tcpserver.make_tcp_server(
+            ("127.0.0.1", 0), lambda: print(input()), max_requests=sys.maxsize,
+            max_per_client=sys.maxsize, max_spare_threads=sys.maxsize, max_line=sys.maxsize))
+        for _ in range(3):
+            self.assertEqual(self.talk(server, b"hi\n"), b"hi\n")
+
+    def test_no_spare_threads(self):
+        server = self.serve(tcpserver.make_tcp_server(
+            ("127.0.0.1", 0), lambda: print(input()), max_spare_threads=0))
+        for _ in range(3):
+            self.assertEqual(self.talk(server, b"hi\n"), b"hi\n")
+
+    def test_poll_intervals(self):
+        for interval in (0, 0.01, float("inf"), 1e300):
+            with self.subTest(poll_interval=interval):
+                server = tcpserver.make_tcp_server(("127.0.0.1", 0), lambda: print(input()))
+                thread = threading.Thread(target=server, kwargs={"poll_interval": interval})
+                thread.start()
+                try:
+                    self.assertEqual(self.talk(server, b"hi\n"), b"hi\n")
+                finally:
+                    server.shutdown()  # at once, whatever the interval
+                    thread.join(TIMEOUT)
+                    server.server_close()
+                self.assertFalse(thread.is_alive())
+
+    def test_bad_poll_intervals_fail_before_serving(self):
+        server = tcpserver.make_tcp_server(("127.0.0.1", 0), print)
+        self.addCleanup(server.server_close)
+        for interval, error in ((None, TypeError), ("1", TypeError), (-1, ValueError),
+                                (float("nan"), ValueError)):
+            for call in (server, server.serve_forever, server.serve_until_signalled,
+                         functools.partial(server.serve_workers, 2)):
+                with self.subTest(poll_interval=interval, call=call):
+                    with self.assertRaisesRegex(error, "poll_interval must be a number of "
+                                                       "seconds >= 0"):
+                        call(poll_interval=interval)
+        self.assertFalse(server.serving)
+
+    def test_bad_handler_attributes_fail_before_any_connection(self):
+        cases = [("rbufsize", "8", TypeError, "Bad.rbufsize must be an int"),
+                 ("wbufsize", 2 ** 40, ValueError, "Bad.wbufsize must be an int of at most"),
+                 ("timeout", 0, ValueError, "Bad.timeout must be a number of seconds > 0"),
+                 ("encoding", "no-such-codec", ValueError, "Bad.encoding: unknown encoding"),
+                 ("decode_errors", None, TypeError, "Bad.decode_errors must be a str"),
+                 ("encode_errors", "nope", ValueError, "Bad.encode_errors: unknown error"),
+                 ("newline", "\n\n", ValueError, "Bad.newline must be")]
+        for attribute, value, error, message in cases:
+            with self.subTest(attribute=attribute):
+                bad = type("Bad", (tcpserver.ThunkHandler,), {attribute: value})
+                with self.assertRaisesRegex(error, re.escape(message)):
+                    tcpserver.ThreadingTCPServer(("127.0.0.1", 0), bad, thunk=print)
+
+    def test_socketservers_buffer_sizes(self):
+        class Copied(tcpserver.ThunkHandler):
+            rbufsize = -1  # StreamRequestHandler's: the default size
+            wbufsize = 0   # unbuffered
+
+        def thunk():
+            line = sys.stdin.buffer.readline()
+            sys.stdout.buffer.write(line)
+            print(input())
+
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), Copied, thunk=thunk))
+        self.assertEqual(self.talk(server, b"one\ntwo\n"), b"one\ntwo\n")
+
+
 class TestDrain(ServerTestCase):
 
     def test_server_close_resets_a_thunk_blocked_forever(self):
@@ -2354,13 +2543,64 @@ class TestMaxLine(ServerTestCase):
                 input()
             except tcpserver.LineTooLong as exc:
                 print("too long:", exc)
-            print(len(input()), input())
+            print(input())
 
         server = self.start(thunk)
         reply = self.talk(server, b"a" * 70000 + b"\nok\n")
-        # The failed read took max_line + 1 characters; the rest of the line follows.
-        self.assertEqual(reply, b"too long: line longer than max_line=65536 characters\n"
-                                b"%d ok\n" % (70000 - 65537))
+        # The rest of the line too long is dropped: the next line is the next input().
+        self.assertEqual(reply, b"too long: line longer than max_line=65536 characters\nok\n")
+
+    def test_the_tail_of_a_line_too_long_is_never_a_line(self):
+        def thunk():
+            layer = sys.stdin if input() == "text" else sys.stdin.buffer
+            while True:
+                try:
+                    line = layer.readline()
+                except tcpserver.LineTooLong:
+                    print("too long")
+                    continue
+                if not line:
+                    break
+                print(repr(line))
+
+        server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, max_line=1000))
+        smuggled = b"X-Comment: " + b"a" * 990 + b"DELETE ALL\n"
+        for layer, lines in (("text", ["'next\\n'", "'the end'"]),
+                             ("binary", ["b'next\\n'", "b'the end'"])):
+            with self.subTest(layer=layer):
+                for pieces in ([smuggled + b"next\n" + b"b" * 5000 + b"\r\nthe end"],
+                               [smuggled[:500], smuggled[500:] + b"next\n", b"b" * 5000,
+                                b"\r\nthe end"]):
+                    with self.connect(server) as sock:
+                        sock.sendall(layer.encode() + b"\n")
+                        for piece in pieces:
+                            sock.sendall(piece)
+                        sock.shutdown(socket.SHUT_WR)
+                        reply = read_all(sock).decode().splitlines()
+                    self.assertEqual(reply, ["too long", lines[0], "too long", lines[1]])
+
+    def test_a_line_end_counts_as_nothing_on_both_layers(self):
+        def thunk():
+            for layer in (sys.stdin, sys.stdin.buffer) * 2:
+                try:
+                    print(len(layer.readline()))
+                except tcpserver.LineTooLong:
+                    print("too long")
+
+        server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, max_line=10))
+        reply = self.talk(server, b"x" * 10 + b"\r\n" + b"y" * 10 + b"\r\n"
+                                  + b"x" * 11 + b"\r\n" + b"y" * 11 + b"\n")
+        self.assertEqual(reply, b"11\n12\ntoo long\ntoo long\n")
+
+    def test_a_cap_of_any_size(self):
+        for cap in (1, 2 ** 31, sys.maxsize):
+            with self.subTest(max_line=cap):
+                server = self.serve(tcpserver.make_tcp_server(
+                    ("127.0.0.1", 0),
+                    lambda: print(len(input()), len(sys.stdin.buffer.readline())),
+                    max_line=cap))
+                self.assertEqual(self.talk(server, b"a\nb\n"), b"1 2\n")
+                self.stop(server)
 
     def test_uncaught_line_too_long_resets_without_traceback(self):
         stderr = self.capture("stderr")
@@ -2377,7 +2617,7 @@ class TestMaxLine(ServerTestCase):
                 binary.readline()
             except tcpserver.LineTooLong as exc:
                 print("too long:", exc)
-            print(len(binary.readline()), len(binary.readline(10)), binary.readline())
+            print(len(binary.readline()), binary.readline(2), binary.readline())
             try:
                 for _line in binary:
                     pass
@@ -2387,8 +2627,8 @@ class TestMaxLine(ServerTestCase):
         server = self.start(thunk)
         reply = self.talk(server, b"a" * 70000 + b"\n" + b"b" * 20 + b"\nok\n" + b"c" * 70000)
         self.assertEqual(reply, b"too long: line longer than max_line=65536 bytes\n"
-                                b"%d 10 b'bbbbbbbbbb\\n'\n"
-                                b"iteration is capped too\n" % (70000 - 65537 + 1))
+                                b"21 b'ok' b'\\n'\n"
+                                b"iteration is capped too\n")
 
     def test_max_line_none_lifts_the_cap(self):
         server = self.serve(tcpserver.make_tcp_server(
@@ -2820,7 +3060,7 @@ class TestSoakAndFaults(ServerTestCase):
                         break
                 print(count)
             """)
-        chunk, chunks = b"x" * 2 ** 20, 100  # 100 MiB without a line end
+        chunk, chunks = b"x" * (2 ** 20 - 1) + b"\n", 100  # 100 lines of 1 MiB
         with self.connect_to(port) as sock:
             for _ in range(chunks):
                 sock.sendall(chunk)
@@ -2829,11 +3069,8 @@ class TestSoakAndFaults(ServerTestCase):
         status = child.proc("status")  # the server is still running
         peak = int(re.search(r"^VmHWM:\s*(\d+) kB$", status, re.M).group(1)) * 1024
         self.assertLess(peak, 60 * 2 ** 20, "peak RSS %.1f MiB" % (peak / 2 ** 20))
-        # Each LineTooLong consumes max_line + 1 characters, in which
-        # readline(max_line + 1) found no line end; the rest is shorter, and
-        # input() returns it as the last line, without an error.
-        self.assertEqual(reply, b"%d\n" % (chunks * len(chunk)
-                                           // (tcpserver.DEFAULT_MAX_LINE + 1)))
+        # Each line is too long, once: its rest is dropped as it comes.
+        self.assertEqual(reply, b"%d\n" % chunks)
 
 
 # ---------------------------------------------------------------------------
@@ -2891,6 +3128,43 @@ class TestLegacy(ServerTestCase):
             sock.shutdown(socket.SHUT_WR)
             server.handle_request()
             self.assertEqual(read_all(sock), b"5:once\n")
+
+    def test_handle_request_checks_the_settings_first(self):
+        server = tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler, max_requests=1)
+        with server, socket.create_connection(server.server_address, timeout=TIMEOUT) as sock:
+            sock.sendall(b"once\n")
+            sock.shutdown(socket.SHUT_WR)
+            server.max_requests = 0
+            with self.assertRaisesRegex(ValueError, "max_requests must be a positive int"):
+                server.handle_request()
+            self.assertEqual(server.stats()["accepted"], 0)  # the client still waits
+            server.max_requests = 1
+            server.max_per_client = 1
+            server.handle_request()
+            self.assertEqual(read_all(sock), b"5:once\n")
+
+    def test_handle_request_reads_the_trusted_proxies_as_they_are(self):
+        server = tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler,
+                                              proxy_protocol=True, trusted_proxies=[])
+        with server, socket.create_connection(server.server_address, timeout=TIMEOUT) as sock:
+            sock.sendall(b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 2000\r\nonce\n")
+            sock.shutdown(socket.SHUT_WR)
+            server.trusted_proxies = ["127.0.0.0/8"]
+            server.handle_request()  # the header is read, not echoed
+            self.assertEqual(read_all(sock), b"5:once\n")
+
+    def test_the_idle_timeout_in_a_legacy_handler_costs_one_line(self):
+        stderr = self.capture("stderr")
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler,
+                                                         timeout=0.05), debug=True)
+        with self.connect(server) as sock:
+            with self.assertRaises(ConnectionResetError):
+                read_all(sock)  # silent: the server times out and resets
+        self.stop(server)
+        self.assertIn("finished (timed out, TimeoutError: timed out)".replace(
+            "TimeoutError", socket.timeout.__name__), stderr.getvalue())
+        self.assertNotIn("Traceback", stderr.getvalue())
+        self.assertEqual(server.stats()["failed"], 1)
 
     def http_server(self, directory, cls=ThreadingHTTPServer):
         with open(os.path.join(directory, "index.txt"), "w") as f:
