@@ -243,10 +243,12 @@ class LineTooLong(ValueError):
     """A line from the client is longer than the server's max_line.
 
     Raised by input(), readline(), readlines() and iteration, on sys.stdin
-    once max_line characters arrived without a line end, on
-    sys.stdin.buffer once max_line bytes did; what was read of the line so
-    far is dropped, and reading goes on after it.  Uncaught, it ends the
-    request with one diagnostic line and a reset.
+    once more than max_line characters came without a line end, on
+    sys.stdin.buffer once more than max_line bytes did (the line end, LF or
+    CRLF, counts as nothing on either).  The line is dropped whole: what
+    came of it, and its rest, up to and including its end, before the next
+    read returns anything, so its tail never reads as a line of its own.
+    Uncaught, it ends the request with one diagnostic line and a reset.
     """
 
 
@@ -782,6 +784,27 @@ class _SocketWriter(io.RawIOBase):
         return self._sock.fileno()
 
 
+# Bytes a connection with an idle timeout keeps queued and not yet sent, at
+# most (TCP_NOTSENT_LOWAT).  Without that bound the kernel grows the send
+# queue to megabytes and reports room in it only once half of it is gone:
+# a write to a client that reads steadily would wait longer than the
+# timeout for one step of progress.
+_UNSENT_MAX = 128 * 1024
+
+
+def _writes_show_progress(sock: socket.socket) -> None:
+    """Make sock report room for writing as its client reads, not once half
+    of what is queued has gone: for an idle timeout that measures progress.
+    Where the system has no TCP_NOTSENT_LOWAT (Windows), a large write to a
+    slow reader may take the timeout for a step that is under way."""
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if option is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, _UNSENT_MAX)
+        except OSError:
+            pass  # an older kernel: as where there is no such option
+
+
 def _is_tls(sock: socket.socket) -> bool:
     """Is sock an ssl.SSLSocket?  (Without importing ssl for plain servers.)"""
     return hasattr(sock, "unwrap")
@@ -1210,10 +1233,13 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     returns.  Reads and writes raise IdleTimeout after the server's
     idle_timeout without progress (over TLS too: the connection socket is
     then non-blocking, and the streams wait); a line longer than the
-    server's max_line raises LineTooLong.  An EOFError from input() at the
-    end of the client's input that escapes the thunk ends the request
-    normally.  Any other exception propagates to the server, which logs it
-    and resets the connection.
+    server's max_line raises LineTooLong.  sys.stdin takes from
+    sys.stdin.buffer only the bytes of what it returns, so a thunk may read
+    a line of text, then a counted body of bytes after it (for encodings
+    that write CR and LF as single bytes, which most do).  An EOFError
+    from input() at the end of the client's input that escapes the thunk
+    ends the request normally.  Any other exception propagates to the
+    server, which logs it and resets the connection.
 
     A thunk must not assign sys.stdin or sys.stdout (contextlib's
     redirect_stdout does): that replaces them for every thread in the
@@ -1231,13 +1257,17 @@ class ThunkHandler(socketserver.StreamRequestHandler):
       protocols.  Input accepts "\\n", "\\r\\n" and "\\r" line ends.
     - line_buffering: True flushes at every newline; False buffers output
       in blocks of wbufsize bytes, for bulk output.
-    - rbufsize: size in bytes of the binary input buffer, and the most the
-      text layer reads at once, 1024: an idle connection holds little.
+    - rbufsize: size in bytes of the input buffer, which both layers read
+      through, 1024: an idle connection holds little.
     - wbufsize: size in bytes of the binary output buffer,
       io.DEFAULT_BUFFER_SIZE: sys.stdout.buffer.write() of short records
-      goes out in blocks of that size.
+      goes out in blocks of that size.  For both, socketserver's values
+      mean what they mean there: -1 the default size, 0 unbuffered.
     - timeout, disable_nagle_algorithm: as in StreamRequestHandler; Nagle
       is disabled so a flushed line leaves at once.
+
+    The server checks these when it is made and when it starts serving, so
+    a value no connection could be served with fails before any does.
 
     Instance variables: those of StreamRequestHandler, plus local_address,
     stdin and stdout.
@@ -1260,6 +1290,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         self.local_address = self.server.local_address(self.request)
         if _wait_time(self.timeout) is not None:
             self.connection.settimeout(self.timeout)
+            _writes_show_progress(self.connection)
         if self.disable_nagle_algorithm:
             self.connection.setsockopt(socket.IPPROTO_TCP,
                                        socket.TCP_NODELAY, True)
@@ -2944,6 +2975,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         """Run the handler on an admitted connection (finish_request())."""
         if _wait_time(self.idle_timeout) is not None:
             request.settimeout(self.idle_timeout)
+            _writes_show_progress(request)
         if verbose:
             with self._slots.lock:
                 opened = self._slots.open.get(request)

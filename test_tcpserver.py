@@ -1885,34 +1885,12 @@ class TestTLS(ServerTestCase):
         return tls
 
     def test_a_steady_reader_is_not_cut_by_the_idle_timeout(self):
-        class SmallBuffers(tcpserver.ThunkHandler):
-            def setup(self):  # so the reply cannot hide in the kernel's buffers
-                self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-                super().setup()
-
-        size = 10 ** 6
         server = self.serve(tcpserver.ThreadingTCPServer(
-            ("127.0.0.1", 0), SmallBuffers, thunk=lambda: sys.stdout.buffer.write(b"x" * size),
-            ssl_context=self.server_context(), timeout=0.2))
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        raw.settimeout(TIMEOUT)
-        raw.connect(server.server_address)
+            ("127.0.0.1", 0), LargeSendQueue, thunk=write_in_one_call,
+            ssl_context=self.server_context(), timeout=STEADY_TIMEOUT))
         with ssl.create_default_context(cafile=self.cert).wrap_socket(
-                raw, server_hostname="localhost") as sock:
-            received = 0
-            while True:  # 64 KiB every 20 ms: about 0.3 s for all, no pause near 0.2 s
-                step = 0
-                while step < 65536:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        break
-                    step += len(chunk)
-                received += step
-                if step < 65536:
-                    break
-                time.sleep(0.02)
-        self.assertEqual(received, size)
+                small_window_connection(server), server_hostname="localhost") as sock:
+            self.assertEqual(read_steadily(sock), STEADY_SIZE)
         self.stop(server)
         self.assertEqual(server.stats()["completed"], 1)
 
@@ -1942,6 +1920,18 @@ class TestTLS(ServerTestCase):
             self.assertLess(time.monotonic() - began, 3.0)
         self.stop(server)
         self.assertEqual(server.stats()["failed"], 1)
+
+    def test_a_tls_client_that_stops_reading_is_cut_off(self):
+        ended = threading.Event()
+        self.log_to(lambda record: "finished (timed out" in record.getMessage() and ended.set())
+
+        def thunk():
+            while True:
+                sys.stdout.buffer.write(b"x" * 65536)
+
+        server = self.start_tls(thunk, timeout=0.1)
+        with self.tls_connect(server):
+            self.assertTrue(ended.wait(TIMEOUT))  # we never read a byte
 
     def test_a_corrupt_record_costs_one_line_and_a_reset(self):
         stderr = self.capture("stderr")
@@ -2018,7 +2008,60 @@ class TestTLS(ServerTestCase):
         self.assertNotIn("Traceback", stderr.getvalue())
 
 
+# A write in one call, larger than the kernel's buffers hold, to a client
+# that reads steadily: 32 KiB every 10 ms, about 3 MB/s.  Were writability
+# not reported as the client reads (TCP_NOTSENT_LOWAT), a wait for room in
+# the 2 MiB send queue would last more than 0.2 s, beyond the timeout.
+STEADY_SIZE = 26 * 10 ** 5
+STEADY_TIMEOUT = 0.15
+
+
+class LargeSendQueue(tcpserver.ThunkHandler):
+    def setup(self):  # the same on every machine: 2 MiB, as SO_SNDBUF doubles
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 ** 20)
+        super().setup()
+
+
+def write_in_one_call():
+    sys.stdout.buffer.write(b"x" * STEADY_SIZE)
+
+
+def small_window_connection(server):
+    """A client socket connected to server, whose receive buffer holds little:
+    what it has not read stays in the server's send queue."""
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+        sock.settimeout(TIMEOUT)
+        sock.connect(server.server_address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def read_steadily(sock, step=32768, pause=0.01):
+    """Read sock to its end, step bytes at a time with a pause after each;
+    return how many bytes came."""
+    received = 0
+    while True:
+        chunk = sock.recv(step)
+        if not chunk:
+            return received
+        received += len(chunk)
+        time.sleep(pause)
+
+
 class TestTimeouts(ServerTestCase):
+
+    def test_a_large_write_to_a_steady_reader_is_not_cut(self):
+        server = self.serve(tcpserver.ThreadingTCPServer(
+            ("127.0.0.1", 0), LargeSendQueue, thunk=write_in_one_call,
+            timeout=STEADY_TIMEOUT))
+        with small_window_connection(server) as sock:
+            self.assertEqual(read_steadily(sock), STEADY_SIZE)
+        self.stop(server)
+        self.assertEqual(server.stats()["completed"], 1)
 
     def test_a_thunk_may_catch_the_idle_timeout(self):
         def thunk():
