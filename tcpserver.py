@@ -1470,6 +1470,7 @@ _SETTINGS: Dict[str, Callable[[str, Any], None]] = {
     "spare_thread_lifetime": _check_duration,
     "proxy_protocol": _check_flag,
     "trusted_proxies": _check_networks,
+    "verify_in_thread": _check_flag,
     "debug": _check_debug,
 }
 
@@ -1604,6 +1605,13 @@ class _Slots:
                 self.counts["refused"] += 1
             self.taken -= 1
             self.freed.notify()
+
+    def count_lost(self) -> None:
+        """Count a connection accepted and lost before it became a request
+        (its client left at once); the pending slot serves the next."""
+        with self.lock:
+            self.counts["accepted"] += 1
+            self.counts["failed"] += 1
 
     def release_pending(self) -> None:
         """Give back the slot held for a connection that never became a
@@ -2165,8 +2173,11 @@ class _ConnectionSetup:
 
     def wrap_tls(self, conn: socket.socket) -> socket.socket:
         """Wrap conn in ssl_context, leaving the handshake to conn's thread:
-        there a slow client holds up nobody."""
+        there a slow client holds up nobody.  Raises OSError, conn closed,
+        if the client left already (a port scan): the ssl module would
+        find that out itself and leave its own socket unclosed."""
         try:
+            conn.getpeername()  # ENOTCONN once a reset came
             tls: socket.socket = self.server.ssl_context.wrap_socket(
                 conn, server_side=True, do_handshake_on_connect=False)
         except BaseException:
@@ -2174,24 +2185,43 @@ class _ConnectionSetup:
             raise
         return tls
 
-    def addresses(self, request: socket.socket) -> Tuple[_Address, _Address]:
-        """Return the connection's (local, peer) addresses.
+    def read_header(self, request: socket.socket
+                    ) -> Optional[Tuple[_Address, _Address]]:
+        """Return the (local, peer) addresses of the connection's PROXY
+        header, or None if it has none to read or carries none.
 
-        From a PROXY header first, if proxy_protocol is on and the peer is
-        one of the trusted_proxies (read within handshake_timeout; a
-        missing or bad one raises ProxyHeaderError), before any TLS
-        handshake, which comes next if get_request() wrapped the connection
-        (within handshake_timeout); then through get_addresses().  A
-        header's addresses win over the connection's own unless it carries
-        none (a LOCAL health check).  A peer outside trusted_proxies is
-        served as it is: its first bytes are not read as a header, so it
-        cannot claim another address.  Called in the connection's thread.
+        A header is read if proxy_protocol is on and the peer is one of the
+        trusted_proxies, within handshake_timeout; a missing or bad one
+        raises ProxyHeaderError.  A LOCAL header (a health check) carries
+        no addresses.  A peer outside trusted_proxies is served as it is:
+        its first bytes are not read as a header, so it cannot claim
+        another address.  The header's local address is the connection's
+        local_address() from now on.  Called in the connection's thread.
         """
         server, slots = self.server, self.server._slots
-        header = None
-        if server.proxy_protocol and self.is_trusted(request.getpeername()):
-            header = read_proxy_header(request, server.handshake_timeout)
-            request.settimeout(None)
+        if not (server.proxy_protocol
+                and self.is_trusted(request.getpeername())):
+            return None
+        header = read_proxy_header(request, server.handshake_timeout)
+        request.settimeout(None)
+        if header is not None:
+            with slots.lock:
+                opened = slots.open.get(request)
+                if opened is not None:
+                    opened.local = header[0]
+        return header
+
+    def addresses(self, request: socket.socket,
+                  header: Optional[Tuple[_Address, _Address]]
+                  ) -> Tuple[_Address, _Address]:
+        """Return the connection's (local, peer) addresses, once judged.
+
+        Runs the TLS handshake first if get_request() wrapped the
+        connection (within handshake_timeout), then get_addresses(); the
+        PROXY header's addresses, if any, win over the connection's own.
+        Called in the connection's thread.
+        """
+        server, slots = self.server, self.server._slots
         with slots.lock:
             opened = slots.open.get(request)
         if opened is not None and opened.tls:
@@ -2241,7 +2271,10 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP (a hangup of the terminal; not on Windows) stops too: its default
+# action would end the process without a drain, PROGRAMs and workers left.
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in
+                      ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 
 def _unblock_stop_signals() -> None:
@@ -2249,7 +2282,7 @@ def _unblock_stop_signals() -> None:
 
 
 class _StopSignals:
-    """SIGTERM and SIGINT handlers for serving until one comes, while in a
+    """SIGTERM, SIGINT and SIGHUP handlers for serving until one comes, while in a
     with block: the first stops the server (shutdown()), a second one, at
     least patience seconds later, ends the process at once (stop_now())."""
 
@@ -2362,7 +2395,7 @@ class _WorkerProcesses:
     def fork(self) -> int:
         """Start one worker process; return its pid.  The worker never returns.
 
-        Called with SIGTERM and SIGINT blocked: the worker unblocks them
+        Called with the stop signals blocked: the worker unblocks them
         once it has handlers of its own, as this process's would pass the
         signal on to the worker's siblings.
         """
@@ -2430,7 +2463,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     - __call__(debug=False, poll_interval=0.5, workers=None): serve, the
       egg's way;
     - serve_until_signalled(poll_interval=0.5, ready=None, patience=0):
-      serve until SIGTERM or SIGINT, then drain;
+      serve until SIGTERM, SIGINT or SIGHUP, then drain;
     - serve_workers(workers, poll_interval=0.5, ready=None): serve in
       worker processes;
     - from_listener(listener, RequestHandlerClass, **kwargs): a server on
@@ -2446,6 +2479,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     - prepare_hard_close(conn), default tcp_abandon;
     - log(message, level): one diagnostic line;
     - client_gone(request, exc): does exc mean the client left?
+    - report_refusal(client_address, reason): a connection closed unserved;
     - abort_request(request, peer): reset a failed connection;
     - stop_now(): what to end before the process exits at once.
 
@@ -2473,6 +2507,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     - proxy_protocol: read each connection's real addresses from a PROXY
       protocol header (HAProxy's, version 1 or 2), False;
     - trusted_proxies: the networks allowed to send that header, loopback;
+    - verify_in_thread: call verify_request() in the connection's own
+      thread, before any TLS handshake, so a slow one (a lookup) holds up
+      no other client, False (True with proxy_protocol);
     - debug: False, True for the prefix DEFAULT_PREFIX, or a prefix.
     """
 
@@ -2490,6 +2527,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     spare_thread_lifetime = 60.0
     proxy_protocol = False
     trusted_proxies: Any = ("127.0.0.0/8", "::1/128")
+    verify_in_thread = False
     debug: Union[bool, str] = False
 
     accept_connection = staticmethod(tcp_accept)
@@ -2598,7 +2636,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
         debug=True writes the egg's diagnostic lines to stderr, prefixed
         ``[tcp-server]``; a string replaces the prefix.  workers=N serves
-        in N processes instead, until SIGTERM or SIGINT (serve_workers()).
+        in N processes instead, until SIGTERM, SIGINT or SIGHUP
+        (serve_workers()).
         Raises TypeError or ValueError for another debug or workers value.
         """
         _check_debug("debug", debug)
@@ -2676,7 +2715,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     def serve_until_signalled(self, poll_interval: float = 0.5, *,
                               ready: Optional[Callable[[], None]] = None,
                               patience: float = 0.0) -> None:
-        """Serve until SIGTERM or SIGINT, then drain with server_close().
+        """Serve until SIGTERM, SIGINT or SIGHUP, then drain with server_close().
 
         ready(), if given, is called once the signal handlers are in place:
         the place to say the server is up, as a signal sent from then on is
@@ -2714,13 +2753,13 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         """Serve in worker processes that share the listening socket (POSIX).
 
         Forks workers processes; each serves as serve_until_signalled()
-        does, with its own threads and its own max_requests: until SIGTERM
-        or SIGINT, then it drains (server_close()) and exits 0.  This
-        process supervises: a worker that dies is replaced (after a growing
-        pause if they keep dying at once); SIGTERM or SIGINT is passed on
-        to every worker (a second one, half a second or more after the
-        first, makes them stop at once), and this returns once all have
-        ended.  ready(), if given, is called once, in this process, as soon
+        does, with its own threads and its own max_requests: until a stop
+        signal (SIGTERM, SIGINT, SIGHUP), then it drains (server_close())
+        and exits 0.  This process supervises: a worker that dies is
+        replaced (after a growing pause if they keep dying at once); a stop
+        signal is passed on to every worker (a second one, half a second
+        or more after the first, makes them stop at once), and this returns
+        once all have ended.  ready(), if given, is called once, in this process, as soon
         as the signal handlers are in place and before any worker starts:
         the place to say the server is up, as a signal sent from then on is
         handled.  Call it from the main thread, before this process starts
@@ -2805,20 +2844,27 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         interval or shutdown() ends the wait, so serve_forever() can poll
         again, or when accepting fails: that is logged once for a run of
         failures and, when descriptors or memory ran out, followed by a
-        growing back-off, so the loop neither dies nor spins.  May be
-        extended.
+        growing back-off, so the loop neither dies nor spins.  A client
+        that left before the wrap is counted as accepted and failed, with
+        one diagnostic line.  May be extended.
         """
         wait = self._loop.poll_interval  # None: handle_request()'s
         self._slots.take(self.max_requests,
                          self.timeout if wait is None else wait, self.log)
         try:
             request, client_address = self.accept_connection(self.socket)
-            if self.ssl_context is not None:
-                request = self._setup.wrap_tls(request)
         except OSError as exc:
             self._loop.accept_failed(exc)
             raise
         self._loop.accepted()
+        if self.ssl_context is not None:
+            try:
+                request = self._setup.wrap_tls(request)
+            except OSError as exc:  # the client left at once (a port scan)
+                self._slots.count_lost()
+                self.log("%s left before its TLS handshake (%s)"
+                         % (_host(client_address), _describe(exc)))
+                raise
         return request, client_address
 
     def _handle_request_noblock(self) -> None:
@@ -2828,17 +2874,18 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         raises (socketserver lets it out with the connection still open):
         an Exception goes to handle_error() and the connection is closed,
         serving goes on; anything else closes the connection and ends
-        serve_forever().  With proxy_protocol on, verify_request() is not
-        called here with the balancer's address: process_request_thread()
-        calls it with the client's, once the PROXY header is read.
+        serve_forever().  With proxy_protocol or verify_in_thread on,
+        verify_request() is not called here: process_request_thread()
+        calls it in the connection's own thread, before any TLS handshake,
+        with the client's address (a PROXY header's, once it is read).
         """
         try:
             request, client_address = self.get_request()
         except OSError:
             return
         try:
-            if self.proxy_protocol or self.verify_request(request,
-                                                          client_address):
+            if self._verifies_in_thread() or self.verify_request(
+                    request, client_address):
                 self.process_request(request, client_address)
             else:
                 self.shutdown_request(request)
@@ -2877,8 +2924,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 number = slots.open_request(request, host, _is_tls(request))
                 spare = None if leading else self._request_threads.take_spare()
         if refused:
-            self.log("refused %s: %s connections from it already"
-                     % (host, self.max_per_client), logging.INFO)
+            reason = "%s connections from it already" % (self.max_per_client,)
+            self.log("refused %s: %s" % (host, reason), logging.INFO)
+            self.report_refusal(client_address, reason)
             self.close_request(request)
             return
         job = (request, client_address, "tcpserver-%d" % number)
@@ -2891,8 +2939,10 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         elif spare is not None:
             spare.hand(job)
         elif not self._request_threads.start(job):
-            self.log("refused %s: no request thread could start before the "
-                     "server stopped" % (_host(client_address),), logging.INFO)
+            reason = "no request thread could start before the server stopped"
+            self.log("refused %s: %s" % (_host(client_address), reason),
+                     logging.INFO)
+            self.report_refusal(client_address, reason)
             slots.end(request, "refused")
             self.close_request(request)
 
@@ -2921,9 +2971,13 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         started = False
         kind = outcome = "ok"
         try:
-            local, peer = self._setup.addresses(request)
-            refusal = self._refusal(request, peer) if self.proxy_protocol else None
+            header = self._setup.read_header(request)
+            if header is not None:
+                peer = header[1]
+            refusal = (self._refusal(request, peer)
+                       if self._verifies_in_thread() else None)
             if refusal is None:
+                local, peer = self._setup.addresses(request, header)
                 started = True
                 self._serve(request, local, peer, verbose)
             else:
@@ -2935,6 +2989,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 raise
             if kind == "error":
                 self.handle_error(request, peer)
+            elif kind == "setup failed":
+                self.report_refusal(peer, outcome)
         finally:
             outcome = self._close(request, peer, kind, outcome)
             if verbose:
@@ -2957,18 +3013,27 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self.shutdown_request(request)
         return outcome
 
+    def _verifies_in_thread(self) -> bool:
+        """Does verify_request() run in the connection's own thread?"""
+        return self.proxy_protocol or self.verify_in_thread
+
     def _refusal(self, request: socket.socket, peer: _Address) -> Optional[str]:
-        """Judge the client a PROXY header named: why verify_request() or
-        max_per_client refuse it, or None once it is counted in."""
+        """Judge a client in its connection's thread: why verify_request()
+        or, for the client a PROXY header named, max_per_client refuse it,
+        or None once it is counted in."""
         if not self.verify_request(request, peer):
             return "by verify_request()"
+        if not self.proxy_protocol:
+            return None  # max_per_client counted it at accept
         host = _host(peer)
         slots = self._slots
         with slots.lock:
             if slots.count_in(host, self.max_per_client):
                 slots.open[request].host = host
                 return None
-        return "%s connections from it already" % (self.max_per_client,)
+        reason = "%s connections from it already" % (self.max_per_client,)
+        self.report_refusal(peer, reason)
+        return reason
 
     def _serve(self, request: socket.socket, local: _Address, peer: _Address,
                verbose: bool) -> None:
@@ -2997,25 +3062,31 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             return "client gone"
         if isinstance(exc, OSError) and not started:
             return "setup failed"
-        if isinstance(exc, IdleTimeout) or self._silent_client(request, exc):
+        if isinstance(exc, IdleTimeout):
             return "timed out"
         if isinstance(exc, LineTooLong):
             return "line too long"
-        return "error"
+        return self._legacy_failure_kind(request, exc)
 
-    def _silent_client(self, request: socket.socket,
-                       exc: BaseException) -> bool:
-        """Is exc a legacy handler's socket.timeout while the connection
-        has a timeout (idle_timeout, or the handler's own)?  Most likely
-        the client's silence then.  (A thunk's streams raise IdleTimeout,
-        so there a plain socket.timeout is some other socket's.)"""
-        if (not isinstance(exc, socket.timeout)
-                or _runs_thunks(self.RequestHandlerClass)):
-            return False
-        try:
-            return request.gettimeout() is not None
-        except OSError:  # closed meanwhile
-            return False
+    def _legacy_failure_kind(self, request: socket.socket,
+                             exc: BaseException) -> str:
+        """Name what most likely ended a request whose handler is not a
+        ThunkHandler (whose streams say exactly, with IdleTimeout and their
+        note of TLS errors): a socket.timeout while the connection has a
+        timeout is the client's silence, "timed out"; an ssl.SSLError on a
+        TLS connection the client's records, "TLS error"; else "error"."""
+        if _runs_thunks(self.RequestHandlerClass):
+            return "error"
+        if isinstance(exc, socket.timeout):
+            try:
+                if request.gettimeout() is not None:
+                    return "timed out"
+            except OSError:
+                pass  # closed meanwhile
+        ssl = sys.modules.get("ssl")  # imported, if the connection is TLS
+        if ssl is not None and _is_tls(request) and isinstance(exc, ssl.SSLError):
+            return "TLS error"
+        return "error"
 
     def client_gone(self, request: socket.socket, exc: BaseException) -> bool:
         """Return True if exc means the client went away, not a bug.  May be overridden.
@@ -3031,6 +3102,29 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         except OSError:
             return True
         return False
+
+    def report_refusal(self, client_address: _Address, reason: str) -> None:
+        """Hear of a connection closed before its handler ran, for a reason
+        of the server's own.  May be overridden.
+
+        reason says why, in a few words: max_per_client ("2 connections
+        from it already"), a failed setup ("setup failed, SSLError: ..."
+        for a TLS handshake, a PROXY header), or no request thread.  Called
+        in the thread that closes the connection, once for each.  Refusals
+        of verify_request(), which knows its reasons, are not reported.
+        Does nothing: the diagnostics say as much already.  The command
+        line writes a line for each at -v.
+        """
+
+    def handle_error(self, request: Any, client_address: _Address) -> None:
+        """Report a handler's exception: its traceback on stderr, as
+        socketserver does.  A stderr that cannot take it (a closed pipe) drops
+        it, as log() does, and serving goes on.  May be overridden.
+        """
+        try:
+            super().handle_error(request, client_address)
+        except (OSError, ValueError):
+            pass  # diagnostics must not stop the server
 
     def abort_request(self, request: socket.socket, peer: _Address) -> None:
         """Close a failed request's connection with RST.  May be overridden.
@@ -3199,7 +3293,9 @@ options of our own:
                           of the Python file FILE.py, or of a module that
                           the current directory or sys.path holds
   --per-client N          at most N connections from one IP address
-  --timeout SECONDS       end a connection idle that long
+  --timeout SECONDS       end a connection idle that long; a client silent
+                          before its TLS handshake or PROXY header too (that
+                          wait is 10 s at most, without --timeout)
   --drain SECONDS         on SIGTERM/SIGINT, let connections finish for
                           this long (default 10), then reset them (each
                           step of the reset waits as long, 2 s at most)
@@ -3217,8 +3313,8 @@ options of our own:
 
 PROGRAM's environment adds PROTO=TCP, TCPLOCALIP, TCPLOCALPORT,
 TCPREMOTEIP, TCPREMOTEPORT, and TCPLOCALHOST, TCPREMOTEHOST when known.
-SIGTERM or SIGINT stops accepting, drains, and exits 0; a second one stops
-at once.  Exit codes: 0 stopped by a signal, 100 bad usage, 111 temporary
+SIGTERM, SIGINT or SIGHUP stops accepting, drains, and exits 0; a second
+one stops at once.  Exit codes: 0 stopped by a signal, 100 bad usage, 111 temporary
 failure (address in use, cannot resolve HOST, cannot drop privileges)."""
 
 
@@ -3239,8 +3335,32 @@ class _UsageError(_CommandError):
 
 def _say(line: str) -> None:
     """Write one line of ours to stderr, as ucspi-tcp does: "tcpserver: ..."."""
-    sys.stderr.write("tcpserver: %s\n" % line)
-    sys.stderr.flush()
+    _write(sys.stderr, "tcpserver: %s\n" % line)
+
+
+def _write(stream: Any, text: str) -> None:
+    """Write text to stream (sys.stdout or sys.stderr) and flush it.
+
+    A stream that cannot take it (a pipe nobody reads: a dead log
+    collector) must not stop the server, nor leave output that fails again
+    at exit: its descriptor is pointed at /dev/null, and what it held is
+    dropped there, as is what PROGRAMs write to it from then on.
+    """
+    try:
+        stream.write(text)
+        stream.flush()
+    except (AttributeError, OSError, ValueError):
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+        except OSError:
+            return  # out of descriptors: the next line tries again
+        try:
+            os.dup2(null, stream.fileno())
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass  # no descriptor (None, a StringIO): nothing more to do
+        finally:
+            os.close(null)
 
 
 class _Options:
@@ -3554,6 +3674,9 @@ class _CommandServer(ThreadingTCPServer):
         # group still ran, each group's id its PROGRAM's pid: the server
         # ends them too when it stops, as they may hold a connection.
         self._left: Set[int] = set()
+        # What verify_request() decided for each connection, for its handler:
+        # PROGRAM's environment and the fields of the "ok" line.
+        self._admitted: Dict[socket.socket, Tuple[Dict[str, str], str]] = {}
         super().__init__(*args, **kwargs)
 
     def say(self, line: str) -> None:
@@ -3570,6 +3693,11 @@ class _CommandServer(ThreadingTCPServer):
         """A thunk's exception: its traceback, unless -q."""
         if self.options.verbosity >= 1:
             super().handle_error(request, client_address)
+
+    def report_refusal(self, client_address: Tuple[Any, ...], reason: str) -> None:
+        """One -v line for a connection the server closed unserved."""
+        self.say("refused :%s::%s (%s)" % (client_address[0], client_address[1],
+                                           reason))
 
     def begin(self) -> int:
         """Count a connection in (status line); return its serial number."""
@@ -3608,35 +3736,65 @@ class _CommandServer(ThreadingTCPServer):
                   "%s:%s::%s" % (remote_host or "", peer[0], peer[1]))
         return variables, fields[0], fields[1]
 
-    def admit(self, connection: socket.socket, local: Tuple[Any, ...],
-              peer: Tuple[Any, ...], number: int) -> Optional[Tuple[Dict[str, str], str]]:
-        """Decide on a connection: its environment and the fields of its
-        "ok" line, or None if the rules deny it (logged).  Sets its socket
-        options and sends the banner."""
-        variables, local_field, remote_field = self.environment(local, peer)
-        self._prepare(connection)  # the banner goes out before the rules, as there
-        if self.options.rules:
-            try:
-                granted = _follow_rules(self.options.rules, str(peer[0]),
-                                        variables.get("TCPREMOTEHOST"),
-                                        self.options.rules_optional)
-            except (OSError, ValueError) as exc:  # as ucspi-tcp: no rules, no service
-                self.log("unable to read %s: %s" % (self.options.rules, exc),
-                         logging.WARNING)
-                granted = None
-            if granted is None:
-                self.say("pid %d from %s" % (number, peer[0]))
-                self.say("deny %d %s %s" % (number, local_field, remote_field))
-                return None
-            variables.update(granted)
-        return variables, "%s %s" % (local_field, remote_field)
+    def verify_request(self, request: Any, client_address: Tuple[Any, ...]) -> bool:
+        """Decide on a connection in its own thread, before any TLS
+        handshake (verify_in_thread): set its socket options, send the
+        banner (over plain TCP; over TLS it goes after the handshake),
+        follow the rules (-x).  Remembers its environment for the handler;
+        False if the rules deny it (logged as ucspi-tcp does)."""
+        self._prepare(request, banner=self.ssl_context is None)
+        local = self.local_address(request) or tcp_addresses(request)[0]
+        variables, local_field, remote_field = self.environment(local, client_address)
+        granted = self.granted(client_address, variables.get("TCPREMOTEHOST"))
+        if granted is None:
+            number = self.begin()
+            self.say("pid %d from %s" % (number, client_address[0]))
+            self.say("deny %d %s %s" % (number, local_field, remote_field))
+            self.end(number, _EXIT_USAGE << 8)  # as ucspi-tcp's denying child
+            return False
+        variables.update(granted)
+        with self._log_lock:
+            self._admitted[request] = (variables, "%s %s" % (local_field, remote_field))
+        return True
+
+    def granted(self, peer: Tuple[Any, ...], host: Optional[str]
+                ) -> Optional[Dict[str, str]]:
+        """Return the variables the rules (-x) set for a client, or None if
+        they deny it; {} without rules."""
+        if not self.options.rules:
+            return {}
+        try:
+            return _follow_rules(self.options.rules, str(peer[0]), host,
+                                 self.options.rules_optional)
+        except (OSError, ValueError) as exc:  # as ucspi-tcp: no rules, no service
+            self.log("unable to read %s: %s" % (self.options.rules, exc),
+                     logging.WARNING)
+            return None
+
+    def admitted(self, connection: socket.socket) -> Tuple[Dict[str, str], str]:
+        """Return what verify_request() decided for a connection about to be
+        served: its environment and the fields of its "ok" line.  Sends a
+        TLS connection's banner, now that the handshake is done."""
+        with self._log_lock:
+            admission = self._admitted.pop(connection)
+        if self.ssl_context is not None:
+            self._prepare(connection, banner=True)
+        return admission
+
+    def close_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        """Close a connection, and forget what verify_request() decided for
+        it if it was never served (its TLS handshake failed, say)."""
+        with self._log_lock:
+            self._admitted.pop(request, None)
+        super().close_request(request)
 
     def started(self, number: int, peer: Tuple[Any, ...], fields: str) -> None:
         """Log a PROGRAM's (or a thunk's) start, under its number."""
         self.say("pid %d from %s" % (number, peer[0]))
         self.say("ok %d %s" % (number, fields))
 
-    def _prepare(self, connection: socket.socket) -> None:
+    def _prepare(self, connection: socket.socket, banner: bool) -> None:
+        """Set the connection's socket options; send the banner (-B) if banner."""
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
                               self.options.nodelay)
         if not self.options.ip_options and connection.family == socket.AF_INET:
@@ -3644,7 +3802,7 @@ class _CommandServer(ThreadingTCPServer):
                 connection.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, b"")
             except OSError:
                 pass  # not every system lets them be cleared
-        if self.options.banner:
+        if banner and self.options.banner:
             connection.sendall(self.options.banner)
 
     def spawned(self, child: Any) -> None:
@@ -3722,23 +3880,20 @@ class _CommandServer(ThreadingTCPServer):
 
 
 class _CommandConnection(socketserver.BaseRequestHandler):
-    """One connection of the command line: counted, judged by the rules,
-    served by serve(), and logged with its number and raw wait status."""
+    """One connection of the command line, admitted by verify_request():
+    counted, served by serve(), and logged with its number and raw wait
+    status."""
 
     server: "_CommandServer"
     request: socket.socket
 
     def handle(self) -> None:
         server = self.server
+        variables, fields = server.admitted(self.request)
         self.number = server.begin()  # a PROGRAM's pid replaces it
-        self.status = _EXIT_USAGE << 8  # what ucspi-tcp's denying child exits with
-        local = server.local_address(self.request)
-        assert local is not None  # known before any handler runs
+        self.status = _EXIT_TEMPORARY << 8  # as ucspi-tcp's child that fails
         try:
-            admitted = server.admit(self.request, local, self.client_address,
-                                    self.number)
-            if admitted is not None:
-                self.serve(*admitted)
+            self.serve(variables, fields)
         finally:
             server.end(self.number, self.status)
 
@@ -4026,6 +4181,7 @@ class _CallHandler(_CommandConnection, ThunkHandler):
     """Runs the command line's --call thunk for one connection."""
 
     server: "_CommandServer"  # both bases declare it: say which one wins
+    disable_nagle_algorithm = False  # verify_request() set it as -d or -D say
 
     def serve(self, variables: Dict[str, str], fields: str) -> None:
         self.server.started(self.number, self.client_address, fields)
@@ -4154,7 +4310,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def ready() -> None:
         if options.print_port:
-            print(server.server_address[1], flush=True)
+            _write(sys.stdout, "%d\n" % server.server_address[1])
         server.say("status: 0/%d" % options.limit)
 
     if options.workers > 1:
@@ -4162,6 +4318,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         server.server_close()
     else:
         server.serve_until_signalled(ready=ready)
+    for stream in (sys.stdout, sys.stderr):
+        _write(stream, "")  # what is left, or nothing, before exit flushes
     return 0
 
 
@@ -4172,6 +4330,12 @@ def _command_server(options: _Options) -> "_CommandServer":
     settings = dict(options=options, thunk=thunk, max_requests=options.limit,
                     max_per_client=options.per_client,
                     timeout=options.timeout, drain_timeout=options.drain,
+                    # A silent client is idle before its TLS handshake or
+                    # PROXY header too.
+                    handshake_timeout=min(DEFAULT_HANDSHAKE_TIMEOUT,
+                                          options.timeout or DEFAULT_HANDSHAKE_TIMEOUT),
+                    # The rules may look names up: not in the leader.
+                    verify_in_thread=True,
                     # A short drain asks for a quick stop: so is the reset.
                     reset_grace=min(ThreadingTCPServer.reset_grace,
                                     max(options.drain, 0.05)),

@@ -143,8 +143,10 @@ def reset(sock):
 
 
 def environment(extra=None):
-    """os.environ for a program the tests run: tcpserver importable, plus extra."""
-    env = dict(os.environ, PYTHONPATH=HERE)
+    """os.environ for a program the tests run: tcpserver importable, its
+    output unbuffered (as on a terminal, where the README's scripts print
+    their port), plus extra."""
+    env = dict(os.environ, PYTHONPATH=HERE, PYTHONUNBUFFERED="1")
     env.update(extra or {})
     return env
 
@@ -705,6 +707,29 @@ def certificates():
     client_cert, client_key = make_certificate(directory, "client", "client")
     return types.SimpleNamespace(cert=cert, key=key, client_cert=client_cert,
                                  client_key=client_key)
+
+
+def tls_over(sock, cafile):
+    """Handshake over the plain socket sock with an ssl.SSLObject; return it.
+
+    So a test can send the TLS records it writes as it likes: in pieces,
+    or corrupted.  pull() feeds what the server sent into it.
+    """
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context(cafile=cafile).wrap_bio(
+        incoming, outgoing, server_hostname="localhost")
+    tls.push = lambda: sock.sendall(outgoing.read())
+    tls.pull = lambda: incoming.write(sock.recv(65536) or b"")
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            tls.push()
+            tls.pull()
+    tls.push()
+    tls.records = outgoing.read
+    return tls
 
 
 @unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
@@ -1862,28 +1887,6 @@ class TestTLS(ServerTestCase):
         self.assertEqual(server.stats()["failed"], 1)
         self.assertIn("finished (setup failed, SSLError", stderr.getvalue())
 
-    def tls_over(self, sock):
-        """Handshake over the plain socket sock with an ssl.SSLObject; return it.
-
-        So a test can send the TLS records it writes as it likes: in pieces,
-        or corrupted.  pull() feeds what the server sent into it.
-        """
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = ssl.create_default_context(cafile=self.cert).wrap_bio(
-            incoming, outgoing, server_hostname="localhost")
-        tls.push = lambda: sock.sendall(outgoing.read())
-        tls.pull = lambda: incoming.write(sock.recv(65536) or b"")
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                tls.push()
-                tls.pull()
-        tls.push()
-        tls.records = outgoing.read
-        return tls
-
     def test_a_steady_reader_is_not_cut_by_the_idle_timeout(self):
         server = self.serve(tcpserver.ThreadingTCPServer(
             ("127.0.0.1", 0), LargeSendQueue, thunk=write_in_one_call,
@@ -1897,7 +1900,7 @@ class TestTLS(ServerTestCase):
     def test_a_record_sent_in_pieces_is_not_cut_by_the_idle_timeout(self):
         server = self.start_tls(lambda: print(len(input())), timeout=0.2)
         with self.connect(server) as sock:
-            tls = self.tls_over(sock)
+            tls = tls_over(sock, self.cert)
             tls.write(b"y" * 3000 + b"\n")  # one record
             record = tls.records()
             for start in range(0, len(record), 400):  # 8 pieces, 0.05 s apart: 0.4 s
@@ -1937,7 +1940,7 @@ class TestTLS(ServerTestCase):
         stderr = self.capture("stderr")
         server = self.start_tls(lambda: print(input()), debug=True)
         with self.connect(server) as sock:
-            self.tls_over(sock)
+            tls_over(sock, self.cert)
             # An application data record whose contents decrypt to nothing.
             sock.sendall(b"\x17\x03\x03\x00\x40" + bytes(range(64)))
             with self.assertRaises(ConnectionResetError):
@@ -1947,6 +1950,40 @@ class TestTLS(ServerTestCase):
         self.assertRegex(log, r"tcpserver-1 finished \(TLS error, SSLError: .*\)")
         self.assertNotIn("Traceback", log)
         self.assertEqual(server.stats()["failed"], 1)
+
+    def test_a_corrupt_record_to_a_legacy_handler_costs_one_line(self):
+        stderr = self.capture("stderr")
+        server = self.serve(tcpserver.ThreadingTCPServer(
+            ("127.0.0.1", 0), EchoHandler, ssl_context=self.server_context()), debug=True)
+        with self.connect(server) as sock:
+            tls_over(sock, self.cert)
+            sock.sendall(b"\x17\x03\x03\x00\x40" + bytes(range(64)))
+            with self.assertRaises(ConnectionResetError):
+                read_all(sock)
+        self.stop(server)
+        self.assertRegex(stderr.getvalue(), r"tcpserver-1 finished \(TLS error, SSLError: .*\)")
+        self.assertNotIn("Traceback", stderr.getvalue())
+
+    def test_a_client_that_resets_while_queued_is_counted_without_a_warning(self):
+        records = []
+        self.log_to(records.append)
+        server = self.start_tls(print, max_requests=1, handshake_timeout=TIMEOUT)
+        holder = self.connect(server)  # silent: holds the one slot in its handshake
+        deadline = time.monotonic() + TIMEOUT
+        while server.stats()["accepted"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        leaver = socket.create_connection(server.server_address, timeout=TIMEOUT)
+        reset(leaver)  # queued, then gone: a port scan, a health check
+        holder.close()  # the slot comes free: the server accepts the one that left
+        while server.stats()["accepted"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        with self.tls_connect(server) as sock:
+            self.assertEqual(read_all(sock), b"\n")  # and serves on
+        stats = server.stats()
+        self.stop(server)
+        self.assertEqual((stats["accepted"], stats["failed"]), (3, 2), stats)
+        self.assertEqual([r.getMessage() for r in records if r.levelno >= logging.WARNING], [])
+        self.assertTrue(any("left before its TLS handshake" in r.getMessage() for r in records))
 
     def test_a_renegotiation_attempt_costs_one_line_and_a_reset(self):
         stderr = self.capture("stderr")
@@ -2242,6 +2279,7 @@ class TestDrain(ServerTestCase):
             started.set()
             input()
 
+        stderr = self.capture("stderr")  # logging's last resort writes the warning there
         server = self.serve(tcpserver.make_tcp_server(("127.0.0.1", 0), thunk,
                                                       drain_timeout=0.1))
         sock = self.connect(server)
@@ -2256,6 +2294,8 @@ class TestDrain(ServerTestCase):
         self.assertEqual(server.stats()["active"], 0)
         with self.assertRaises(ConnectionResetError):
             read_all(sock)
+        self.assertIn("resetting 1 requests still running after the 0.1 s drain",
+                      stderr.getvalue())
 
     def test_a_drained_writer_costs_one_line_and_no_traceback(self):
         stderr = self.capture("stderr")
@@ -4215,6 +4255,130 @@ class TestCommandLine(unittest.TestCase):
                          b"203.0.113.9 4321 25\n")
         self.assertEqual(server.talk(b"no header\n"), b"")  # closed unserved
         self.assertEqual(server.stop()[0], 0)
+
+    def test_a_stderr_nobody_reads_costs_nothing(self):
+        # A log collector that died: its end of the pipe is closed.
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        self.addCleanup(os.close, write_end)
+        for verbosity in ("-v", "-Q"):
+            with self.subTest(verbosity=verbosity):
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "tcpserver", "-1", verbosity, "--drain", "0.1",
+                     "127.0.0.1", "0", "sh", "-c", "echo $$; exec cat"],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=write_end,
+                    env=environment(), cwd=HERE)
+                self.addCleanup(process.stdout.close)
+                self.addCleanup(process.wait, TIMEOUT)
+                self.addCleanup(process.kill)  # if it still runs: a failure
+                port = int(process.stdout.readline())
+                with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+                    lines = sock.makefile("rb")
+                    pid = int(lines.readline())  # served, not reset before PROGRAM
+                    sock.sendall(b"hi\n")
+                    self.assertEqual(lines.readline(), b"hi\n")
+                    # cat still runs: the drain ends it, with a warning nobody reads.
+                    process.send_signal(signal.SIGTERM)
+                    self.assertEqual(process.wait(TIMEOUT), 0)
+                    lines.close()
+                self.assertTrue(pid_gone(pid))
+
+    def test_sighup_stops_as_sigterm_does(self):
+        for workers in ([], ["-w", "2"]):
+            with self.subTest(workers=workers):
+                server = CommandLine(self, ["-1", "--drain", "0.1"] + workers
+                                     + ["127.0.0.1", "0", "sh", "-c", "echo $$; exec sleep 60"])
+                with server.connect() as sock:
+                    pid = int(sock.makefile().readline())
+                    code, log = server.stop(signal.SIGHUP)
+                    self.assertEqual(code, 0, log)
+                self.assertTrue(pid_gone(pid))
+                # Nothing of it still listens: the port can be had again.
+                socket.create_server(("127.0.0.1", server.port)).close()
+
+    def test_the_timeout_bounds_the_wait_for_a_tls_handshake_or_proxy_header(self):
+        made = certificates()
+        for options in (["--tls-cert", made.cert, "--tls-key", made.key], ["--proxy-protocol"]):
+            with self.subTest(options=options[0]):
+                server = CommandLine(self, ["-1", "--timeout", "0.2"] + options
+                                     + ["127.0.0.1", "0", "cat"])
+                with server.connect() as sock:
+                    began = time.monotonic()
+                    try:
+                        self.assertEqual(read_all(sock), b"")  # we say nothing
+                    except ConnectionResetError:
+                        pass
+                    self.assertLess(time.monotonic() - began, 3.0)  # not the 10 s default
+                self.assertEqual(server.stop()[0], 0)
+
+    def test_a_tls_error_of_a_program_costs_no_traceback(self):
+        made = certificates()
+        server = CommandLine(self, ["-1", "--tls-cert", made.cert, "--tls-key", made.key,
+                                    "127.0.0.1", "0", "cat"])
+        with server.connect() as sock:
+            tls_over(sock, made.cert)
+            # An application data record whose contents decrypt to nothing.
+            sock.sendall(b"\x17\x03\x03\x00\x40" + bytes(range(64)))
+            with self.assertRaises(ConnectionResetError):
+                read_all(sock)  # what the handshake left (session tickets), then the reset
+        code, log = server.stop()
+        self.assertEqual((code, log), (0, ""))
+
+    def test_rules_deny_before_any_tls_work(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        rules = os.path.join(directory, "rules.cdb")
+        write_cdb(rules, [(b"127.0.0.2", b"D")])
+        made = certificates()
+        server = CommandLine(self, ["-1", "-v", "-x", rules, "--tls-cert", made.cert,
+                                    "--tls-key", made.key, "0", "0", "cat"])
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT,
+                                      source_address=("127.0.0.2", 0)) as sock:
+            began = time.monotonic()
+            self.assertEqual(read_all(sock), b"")  # closed at once, silent as we are
+            self.assertLess(time.monotonic() - began, 3.0)  # not the handshake's 10 s
+        code, log = server.stop()
+        self.assertEqual(code, 0)
+        self.assertRegex(log, r"tcpserver: deny \d+ [^ ]*:127\.0\.0\.1:\d+ [^ ]*:127\.0\.0\.2::\d+")
+
+    def test_verbose_says_why_each_connection_is_refused(self):
+        made = certificates()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        rules = os.path.join(directory, "rules.cdb")
+        write_cdb(rules, [(b"192.0.2.7", b"D")])
+        cases = [
+            (["--tls-cert", made.cert, "--tls-key", made.key], b"plain text\n",
+             r"refused :127\.0\.0\.1::\d+ \(setup failed, SSLError: .*\)"),
+            (["--tls-cert", made.cert, "--tls-key", made.key, "--tls-ca", made.client_cert],
+             None, r"refused :127\.0\.0\.1::\d+ \(setup failed, SSLError: .*\)"),
+            (["--proxy-protocol", "-x", rules], b"PROXY TCP4 192.0.2.7 192.0.2.1 4321 25\r\n",
+             r"deny \d+ [^ ]*:192\.0\.2\.1:25 [^ ]*:192\.0\.2\.7::4321"),
+            (["--per-client", "1"], b"second\n",
+             r"refused :127\.0\.0\.1::\d+ \(1 connections from it already\)"),
+        ]
+        for options, sent, line in cases:
+            with self.subTest(options=options[0]):
+                server = CommandLine(self, ["-1", "-vHRl0", "--drain", "0.1"] + options
+                                     + ["127.0.0.1", "0", "sh", "-c", "echo hi; exec sleep 60"])
+                if options[0] == "--per-client":
+                    first = server.connect()  # holds its one connection
+                    self.addCleanup(first.close)
+                    self.assertEqual(first.recv(3), b"hi\n")
+                if sent is None:  # a TLS client without a certificate
+                    context = ssl.create_default_context(cafile=made.cert)
+                    with self.assertRaises(OSError):
+                        with context.wrap_socket(server.connect(),
+                                                 server_hostname="localhost") as sock:
+                            read_all(sock)
+                else:
+                    with server.connect() as sock:
+                        try:
+                            exchange(sock, sent)
+                        except ConnectionResetError:
+                            pass
+                server.wait_for(line)
+                server.stop()
 
     def test_usage_errors_exit_100_with_one_line(self):
         # The whole command, once: main()'s 100 is the process's exit status.
