@@ -8,8 +8,9 @@
 SUITE is socketserver, httpservers, xmlrpc or docxmlrpc (test.test_SUITE).
 A run prints one line per test as it starts (START id) and one as it ends
 (PASS id, FAIL id or SKIP id), a failure's traceback below its FAIL line
-with each line prefixed "| ", and DONE at the end: a run that a timeout
-killed still tells how far it got and where it hung.  --compare counts a
+with each line prefixed "| ", and DONE at the end (then, swapped, SERVERS
+and how many servers of ours the tests made): a run that a timeout killed
+still tells how far it got and where it hung.  --compare counts a
 test as failed only if it passes on the control and not on ours.
 
 Written for Python 3.8 to 3.15, standard library only.
@@ -90,6 +91,10 @@ def rebase_module(module, replaced):
             setattr(module, cls.__name__, new)
 
 
+# Servers made from the swapped classes: none would mean the swap missed.
+MADE = []
+
+
 def swap(suite):
     """Put the suite's servers on tcpserver.ThreadingTCPServer.
 
@@ -99,26 +104,38 @@ def swap(suite):
     sys.path.insert(0, REPO)
     import tcpserver  # before socketserver is patched: it derives from the original
     ours = tcpserver.ThreadingTCPServer
+
+    def counted(cls, *args, **kwargs):  # __new__ of the classes made here
+        MADE.append(cls)
+        return ours.__new__(cls, *args, **kwargs)
+
     if suite == "socketserver":
         import socketserver
         # Ours as it is, under socketserver's module name: MiscTestCase.test_all
         # takes socketserver's public classes to be those that say so.
-        socketserver.ThreadingTCPServer = type("ThreadingTCPServer", (ours,),
-                                               {"__module__": "socketserver"})
-        return "socketserver.ThreadingTCPServer"
+        socketserver.ThreadingTCPServer = type("ThreadingTCPServer", (ours,), {
+            "__module__": "socketserver", "__new__": counted,
+            "__qualname__": "ThreadingTCPServer(tcpserver.ThreadingTCPServer)"})
+        return "socketserver." + socketserver.ThreadingTCPServer.__qualname__
     import http.server
     import xmlrpc.server
     # As the README combines them: ours first for HTTPServer; for
     # SimpleXMLRPCServer ours second, its __init__ not passing keywords on.
     old_http, old_rpc = http.server.HTTPServer, xmlrpc.server.SimpleXMLRPCServer
-    new_http = type("HTTPServer", (ours, old_http), {"__module__": "http.server"})
-    new_rpc = type("SimpleXMLRPCServer", (old_rpc, ours), {"__module__": "xmlrpc.server"})
+    # Their qualified names say so in a traceback: the module's stays.
+    new_http = type("HTTPServer", (ours, old_http), {
+        "__module__": "http.server", "__new__": counted,
+        "__qualname__": "HTTPServer(tcpserver.ThreadingTCPServer, http.server.HTTPServer)"})
+    new_rpc = type("SimpleXMLRPCServer", (old_rpc, ours), {
+        "__module__": "xmlrpc.server", "__new__": counted,
+        "__qualname__": "SimpleXMLRPCServer(xmlrpc.server.SimpleXMLRPCServer,"
+                        " tcpserver.ThreadingTCPServer)"})
     http.server.HTTPServer = new_http
     xmlrpc.server.SimpleXMLRPCServer = new_rpc
     replaced = {old_http: new_http, old_rpc: new_rpc}
     rebase_module(http.server, replaced)
     rebase_module(xmlrpc.server, replaced)
-    return ", ".join(sorted("%s.%s" % (new.__module__, new.__name__)
+    return "; ".join(sorted("%s.%s" % (new.__module__, new.__qualname__)
                             for new in replaced.values()))
 
 
@@ -216,6 +233,8 @@ def run(suite, swapped, timeout):
         os.chdir(cwd)
         shutil.rmtree(directory, ignore_errors=True)
     print("DONE ran=%d" % result.testsRun, flush=True)
+    if swapped:
+        print("SERVERS %d" % len(MADE), flush=True)
     return 0
 
 
@@ -224,7 +243,7 @@ def parse(path):
     skip reason)}, the test it started last and did not end, whether it got
     to the end, its other lines)."""
     results, tracebacks, other = {}, [], []
-    started, done = None, False
+    started, done, servers = None, False, None
     try:
         with open(path, encoding="utf-8", errors="replace") as log:
             lines = log.read().splitlines()
@@ -234,7 +253,7 @@ def parse(path):
         if line.startswith("| "):
             tracebacks.append(line[2:])
             continue
-        match = re.match(r"(START|PASS|FAIL|SKIP|DONE|SWAPPED) (\S+)(?: (.*))?$", line)
+        match = re.match(r"(START|PASS|FAIL|SKIP|DONE|SWAPPED|SERVERS) (\S+)(?: (.*))?$", line)
         if not match:
             other.append(line)  # the interpreter's own: an import error, a hang's stacks
             continue
@@ -243,18 +262,21 @@ def parse(path):
             started = test_id
         elif kind == "DONE":
             done = True
+        elif kind == "SERVERS":
+            servers = int(test_id)
         elif kind != "SWAPPED":
             tracebacks = []
             results[test_id] = (kind, tracebacks, rest)
             if started == test_id:
                 started = None
-    return results, started, done, other
+    return results, started, done, other, servers
 
 
 def compare(control_path, swapped_path, label):
-    """Print what the runs say; last line: COUNTS passed failed skipped stdlib-failures."""
-    control, control_hung, control_done, control_other = parse(control_path)
-    ours, ours_hung, ours_done, ours_other = parse(swapped_path)
+    """Print what the runs say; last line: COUNTS passed failed skipped
+    stdlib-failures servers-of-ours."""
+    control, control_hung, control_done, control_other, _ = parse(control_path)
+    ours, ours_hung, ours_done, ours_other, servers = parse(swapped_path)
     passed = failed = skipped = stdlib_failures = 0
     bad = []
     if not control:
@@ -289,11 +311,14 @@ def compare(control_path, swapped_path, label):
               % (label, ", hung in " + ours_hung if ours_hung else "", swapped_path))
         for line in ours_other[-40:]:
             print("   " + line)
+    if ours_done and not servers:
+        failed += 1
+        print("!! %s: the swapped run made no server of ours: the swap missed" % label)
     if control and not control_done:
         print("!! %s: the control run did not finish%s (see %s); tests it did not"
               " run are not checked" % (label, ", hung in " + control_hung
                                         if control_hung else "", control_path))
-    print("COUNTS %d %d %d %d" % (passed, failed, skipped, stdlib_failures))
+    print("COUNTS %d %d %d %d %d" % (passed, failed, skipped, stdlib_failures, servers or 0))
     return 0 if failed == 0 else 1
 
 
