@@ -726,19 +726,30 @@ def current_connection() -> "ThunkHandler":
 # The handler adapter: runs in the connection's thread.
 # ---------------------------------------------------------------------------
 
+def _shorter(timeout: Optional[float], seconds: float) -> float:
+    """Return the shorter of timeout (None: no limit) and seconds."""
+    return seconds if timeout is None else min(timeout, seconds)
+
+
 class _SocketReader(io.RawIOBase):
     """Unbuffered reads from a socket that first flush the connection's output.
 
     Flushing before the read that may block is what lets a thunk print a
     prompt without a newline and then wait for the answer.  at_eof becomes
-    True once the client has closed its side.
+    True once the client has closed its side.  A read waits up to timeout
+    seconds (the idle timeout, which the socket has), and, while a line is
+    due (line_due()), no longer than its deadline.
     """
 
-    def __init__(self, sock: socket.socket, output: io.TextIOBase) -> None:
+    def __init__(self, sock: socket.socket, output: io.TextIOBase,
+                 timeout: Optional[float]) -> None:
         super().__init__()
         self._sock = sock
         self._output = output
+        self._timeout = timeout
         self.at_eof = False
+        self._deadline: Optional[float] = None  # time.monotonic()'s
+        self._line_timeout: Optional[float] = None
 
     def readable(self) -> bool:
         return True
@@ -747,12 +758,52 @@ class _SocketReader(io.RawIOBase):
         if not self._output.closed:
             self._output.flush()
         try:
-            count = self._sock.recv_into(buffer)
+            count = self._receive(buffer)
         except socket.timeout:
-            raise IdleTimeout("the client sent nothing for %s seconds"
-                              % (self._sock.gettimeout(),)) from None
+            raise self._timed_out() from None
         self.at_eof = count == 0
         return count
+
+    def _receive(self, buffer: Any) -> int:
+        """One recv_into(buffer), within the line's deadline if one is due."""
+        if self._deadline is None:
+            return self._sock.recv_into(buffer)
+        self._sock.settimeout(_shorter(self._timeout, self._left()))
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._timeout)
+
+    def _left(self) -> float:
+        """Seconds left until the line is due; socket.timeout if none."""
+        assert self._deadline is not None
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        return left
+
+    def _timed_out(self) -> IdleTimeout:
+        """The IdleTimeout for a read that timed out: which limit it hit."""
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return IdleTimeout("the client took more than %s seconds to "
+                               "send a line" % (self._line_timeout,))
+        return IdleTimeout("the client sent nothing for %s seconds"
+                           % (self._timeout,))
+
+    @contextlib.contextmanager
+    def line_due(self, seconds: float) -> Iterator[None]:
+        """While a line is read: reads fail with IdleTimeout once seconds
+        have passed from now, however steadily the client sends.  A line
+        read within a line (the rest of one too long) shares its deadline."""
+        if self._deadline is not None:
+            yield
+            return
+        self._deadline = time.monotonic() + seconds
+        self._line_timeout = seconds
+        try:
+            yield
+        finally:
+            self._deadline = None
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -888,18 +939,12 @@ def _tls_call(sock: Any, call: Callable[[Any], int], data: Any,
 class _TLSReader(_SocketReader):
     """_SocketReader for a TLS connection: see _tls_call()."""
 
-    def __init__(self, sock: socket.socket, output: io.TextIOBase,
-                 timeout: Optional[float]) -> None:
-        super().__init__(sock, output)
-        self._timeout = timeout
-
-    def readinto(self, buffer: Any) -> int:
-        if not self._output.closed:
-            self._output.flush()
-        count = _tls_call(self._sock, self._sock.recv_into, buffer,
-                          self._timeout, "sent")
-        self.at_eof = count == 0
-        return count
+    def _receive(self, buffer: Any) -> int:
+        timeout = self._timeout
+        if self._deadline is not None:
+            timeout = _shorter(timeout, self._left())
+        return _tls_call(self._sock, self._sock.recv_into, buffer, timeout,
+                         "sent")
 
 
 class _TLSWriter(_SocketWriter):
@@ -919,7 +964,7 @@ def _raw_reader(sock: socket.socket, output: io.TextIOBase,
     """Return an unbuffered binary reader on sock, whose timeout is timeout."""
     if _is_tls(sock):
         return _TLSReader(sock, output, timeout)
-    return _SocketReader(sock, output)
+    return _SocketReader(sock, output, timeout)
 
 
 def _raw_writer(sock: socket.socket, timeout: Optional[float]
@@ -975,9 +1020,11 @@ class _BinaryReader(io.BufferedReader):
     """
 
     max_line: Optional[int] = None
+    line_timeout: Optional[float] = None  # seconds a line may take to come
 
-    def __init__(self, raw: io.RawIOBase, size: int) -> None:
+    def __init__(self, raw: _SocketReader, size: int) -> None:
         super().__init__(raw, size)
+        self.source = raw
         self.drop = _KEEP
 
     def dropped(self) -> None:
@@ -995,6 +1042,12 @@ class _BinaryReader(io.BufferedReader):
                 self.drop = _AN_LF if data[end] == 13 else _KEEP
 
     def readline(self, size: Optional[int] = -1) -> bytes:
+        if self.line_timeout is None:
+            return self._read_line(size)
+        with self.source.line_due(self.line_timeout):
+            return self._read_line(size)
+
+    def _read_line(self, size: Optional[int]) -> bytes:
         if self.drop:
             self.dropped()
         limit = self.max_line
@@ -1091,6 +1144,13 @@ class _TextReader(io.TextIOBase):
 
     # typeshed gives every IOBase's readline() bytes: hence the ignore.
     def readline(self, size: Optional[int] = -1) -> str:  # type: ignore[override]
+        binary = self._binary
+        if binary.line_timeout is None:
+            return self._read_line(size)
+        with binary.source.line_due(binary.line_timeout):
+            return self._read_line(size)
+
+    def _read_line(self, size: Optional[int]) -> str:
         binary = self._binary
         if binary.drop:
             binary.dropped()
@@ -1196,6 +1256,13 @@ class _WideTextReader(io.TextIOWrapper):
     _dropping = False  # the rest of a line too long is to be dropped
 
     def readline(self, size: Optional[int] = -1) -> str:  # type: ignore[override]
+        binary: _BinaryReader = self.buffer  # type: ignore[assignment]
+        if binary.line_timeout is None:
+            return self._read_line(size)
+        with binary.source.line_due(binary.line_timeout):
+            return self._read_line(size)
+
+    def _read_line(self, size: Optional[int]) -> str:
         while self._dropping:
             rest = super().readline(DEFAULT_MAX_LINE)
             self._dropping = bool(rest) and not rest.endswith("\n")
@@ -1318,6 +1385,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
                                        self._timeout)
             rfile = _BinaryReader(self._reader, _buffer_size(self.rbufsize))
             rfile.max_line = self.server.max_line
+            rfile.line_timeout = _wait_time(self.server.line_timeout)
             self._rfile = rfile
         return self._rfile
 
@@ -1461,6 +1529,7 @@ _SETTINGS: Dict[str, Callable[[str, Any], None]] = {
     "max_requests": _check_limit,
     "max_per_client": _check_limit,
     "idle_timeout": _check_timeout,
+    "line_timeout": _check_timeout,
     "drain_timeout": _check_drain,
     "reset_grace": _check_duration,
     "max_line": _check_limit,
@@ -2493,6 +2562,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     - max_per_client: connections from one IP address at once, None;
     - idle_timeout (keyword timeout): seconds a connection may make no
       progress, None for no limit; a handler's own timeout wins;
+    - line_timeout: seconds a thunk's client may take to send the line a
+      read asks for, however steadily it sends, None for no limit;
     - drain_timeout: seconds server_close() gives running requests before
       it resets their connections, DEFAULT_DRAIN_TIMEOUT; None waits;
     - reset_grace: seconds a reset request has to end before the next,
@@ -2518,6 +2589,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     max_requests: Optional[int] = None
     max_per_client: Optional[int] = None
     idle_timeout: Optional[float] = None
+    line_timeout: Optional[float] = None
     drain_timeout: Optional[float] = DEFAULT_DRAIN_TIMEOUT
     reset_grace: float = 2.0
     max_line: Optional[int] = DEFAULT_MAX_LINE

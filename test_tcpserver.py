@@ -1936,6 +1936,30 @@ class TestTLS(ServerTestCase):
         with self.tls_connect(server):
             self.assertTrue(ended.wait(TIMEOUT))  # we never read a byte
 
+    def test_a_line_timeout_bounds_a_dripping_tls_client(self):
+        def thunk():
+            try:
+                input()
+            except tcpserver.IdleTimeout as exc:
+                print(exc)
+
+        server = self.start_tls(thunk, timeout=1, line_timeout=0.2)
+        with self.connect(server) as sock:
+            tls = tls_over(sock, self.cert)
+            sock.settimeout(0.02)
+            deadline = time.monotonic() + TIMEOUT
+            reply = b""
+            while not reply.endswith(b"\n") and time.monotonic() < deadline:
+                try:
+                    tls.pull()
+                    reply += tls.read(1000)
+                except ssl.SSLWantReadError:
+                    pass  # a record that is not data (a session ticket)
+                except socket.timeout:
+                    tls.write(b"x")  # a record of one byte every 20 ms
+                    tls.push()
+        self.assertEqual(reply, b"the client took more than 0.2 seconds to send a line\n")
+
     def test_a_corrupt_record_costs_one_line_and_a_reset(self):
         stderr = self.capture("stderr")
         server = self.start_tls(lambda: print(input()), debug=True)
@@ -2138,6 +2162,48 @@ class TestTimeouts(ServerTestCase):
         with self.connect(server):
             self.assertTrue(ended.wait(TIMEOUT))  # we never read a byte
 
+    def drip(self, server, first=b""):
+        """Send first, then a byte every 20 ms until the server answers
+        (bounded); return the answer."""
+        with socket.create_connection(server.server_address, timeout=TIMEOUT) as sock:
+            sock.sendall(first)
+            sock.settimeout(0.02)
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:
+                try:
+                    return sock.recv(1000)
+                except socket.timeout:
+                    sock.sendall(b"x")
+        self.fail("no answer while the client dripped")
+
+    def test_a_line_timeout_bounds_a_dripping_client(self):
+        def thunk():
+            layer = sys.stdin if input() == "text" else sys.stdin.buffer
+            began = time.monotonic()
+            try:
+                layer.readline()
+            except tcpserver.IdleTimeout as exc:
+                print(exc, time.monotonic() - began < 1.0)
+
+        server = self.serve(tcpserver.make_tcp_server(
+            ("127.0.0.1", 0), thunk, timeout=1, line_timeout=0.2))
+        for layer in (b"text", b"binary"):
+            with self.subTest(layer=layer):
+                # The idle timeout never fires: a byte comes every 20 ms.
+                self.assertEqual(self.drip(server, layer + b"\n"),
+                                 b"the client took more than 0.2 seconds to send a line True\n")
+
+    def test_a_line_timeout_is_per_line(self):
+        server = self.serve(tcpserver.make_tcp_server(
+            ("127.0.0.1", 0), echo_lines, line_timeout=0.2))
+        with self.connect(server) as sock:
+            lines = sock.makefile("rb")
+            for line in (b"a\n", b"b\n", b"c\n"):  # longer than 0.2 s in all
+                sock.sendall(line)
+                self.assertEqual(lines.readline(), b"echo " + line)
+                time.sleep(0.1)  # the client's pause between lines, not a wait for the server
+            lines.close()
+
     def test_the_handler_timeout_wins(self):
         class Impatient(tcpserver.ThunkHandler):
             timeout = 0.1
@@ -2168,7 +2234,7 @@ class TestExtremeSettings(ServerTestCase):
             return tcpserver.current_connection().client_address[0]
 
         header = b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 2000\r\n"
-        for name in ("timeout", "handshake_timeout", "spare_thread_lifetime",
+        for name in ("timeout", "line_timeout", "handshake_timeout", "spare_thread_lifetime",
                      "drain_timeout", "reset_grace"):
             for value in self.FOREVER:
                 with self.subTest(name=name, value=value):
