@@ -152,7 +152,8 @@ _STARTS_TO_RECOVER = 100
 
 # accept() errors that only mean this one connection is gone: ignore.
 _TRANSIENT_ERRNOS = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN,
-                               errno.EWOULDBLOCK, errno.EINTR))
+                               errno.EWOULDBLOCK, errno.EINTR,
+                               errno.ECONNRESET, errno.ENOTCONN))
 
 # accept() errors that mean "out of descriptors or memory": back off.
 _RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
@@ -355,12 +356,37 @@ def tcp_accept(listener: socket.socket) -> Tuple[socket.socket, _Address]:
     get_request(), in the accepting thread, once a slot is free.  Keep it
     quick: the next client waits until it returns.  OSError propagates.
     IPv4 clients of a dual-stack listener are reported as plain IPv4, as
-    tcp_addresses() does.
+    tcp_addresses() does.  A listener wrapped in TLS (as
+    http.server.HTTPSServer wraps its own) gives connections wrapped in its
+    context whose handshake is left to their own thread: its accept()
+    would run it here, and a silent client would hold up every other.
     """
-    conn, peer = listener.accept()
+    if _is_tls(listener):
+        tls: Any = listener  # an ssl.SSLSocket
+        conn, peer = socket.socket.accept(listener)
+        conn = _server_side(tls.context, conn,
+                            suppress_ragged_eofs=tls.suppress_ragged_eofs)
+    else:
+        conn, peer = listener.accept()
     if listener.gettimeout() == 0.0:  # serve_workers()' listener: on BSD
         conn.setblocking(True)        # the connection would inherit that
     return conn, _plain_address(peer)
+
+
+def _server_side(context: Any, conn: socket.socket,
+                 **options: Any) -> socket.socket:
+    """Return conn wrapped in the ssl.SSLContext context as a server's, its
+    handshake left for later.  Raises OSError, conn closed, if the client
+    left already (a port scan): the ssl module would find that out itself
+    and leave its own socket unclosed."""
+    try:
+        conn.getpeername()  # ENOTCONN once a reset came
+        tls: socket.socket = context.wrap_socket(
+            conn, server_side=True, do_handshake_on_connect=False, **options)
+    except BaseException:
+        conn.close()
+        raise
+    return tls
 
 
 def tcp_addresses(conn: socket.socket) -> Tuple[_Address, _Address]:
@@ -2242,17 +2268,8 @@ class _ConnectionSetup:
 
     def wrap_tls(self, conn: socket.socket) -> socket.socket:
         """Wrap conn in ssl_context, leaving the handshake to conn's thread:
-        there a slow client holds up nobody.  Raises OSError, conn closed,
-        if the client left already (a port scan): the ssl module would
-        find that out itself and leave its own socket unclosed."""
-        try:
-            conn.getpeername()  # ENOTCONN once a reset came
-            tls: socket.socket = self.server.ssl_context.wrap_socket(
-                conn, server_side=True, do_handshake_on_connect=False)
-        except BaseException:
-            conn.close()
-            raise
-        return tls
+        there a slow client holds up nobody (see _server_side())."""
+        return _server_side(self.server.ssl_context, conn)
 
     def read_header(self, request: socket.socket
                     ) -> Optional[Tuple[_Address, _Address]]:

@@ -50,6 +50,13 @@ TIMEOUT = 10.0  # seconds: the bound of every wait in these tests
 # (as .ci/run does); otherwise smaller, down the same paths.
 FULL_SOAK = bool(os.environ.get("TEST_FULL_SOAK"))
 
+if os.environ.get("TEST_SWITCH_INTERVAL"):
+    # The race-shaking pass (.ci/run): the interpreter switches threads at
+    # almost every bytecode, which surfaces races that the GIL's usual 5 ms
+    # slices hide.  Servers the tests start in this process are shaken;
+    # programs they run keep the default.
+    sys.setswitchinterval(float(os.environ["TEST_SWITCH_INTERVAL"]))
+
 if os.environ.get("TEST_PORTABLE_IO"):
     # The I/O a platform without poll(), and without socket descriptors that
     # are files (Windows), gets: .ci/run runs the suite so once.
@@ -3370,6 +3377,92 @@ class TestLegacy(ServerTestCase):
         self.assert_reset(server)
 
 
+class TestWebRecipes(ServerTestCase):
+    """The README's recipes for http.server, HTTPS, wsgiref and xmlrpc.server,
+    as written there, on loopback and port 0."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.made = certificates()
+
+    def recipe(self, marker, namespace=None):
+        """Run the README's block that holds marker in namespace; return it."""
+        code = readme_code(marker).replace('("", 8000)', '("127.0.0.1", 0)')
+        code = code.replace('("", 8001)', '("127.0.0.1", 0)').replace('("", 8443)',
+                                                                      '("127.0.0.1", 0)')
+        code = code.replace('"cert.pem"', repr(self.made.cert)).replace('"key.pem"',
+                                                                         repr(self.made.key))
+        namespace = {} if namespace is None else namespace
+        exec(code, namespace)
+        return namespace
+
+    def http_recipe(self):
+        made = self.recipe("class ThreadingHTTPServer(tcpserver.ThreadingTCPServer, "
+                           "http.server.HTTPServer):")
+        self.addCleanup(made["httpd"].server_close)
+        self.addCleanup(made["rpc"].server_close)
+        return made
+
+    def get(self, server, scheme="http"):
+        """GET / from server; return the status."""
+        context = ssl.create_default_context(cafile=self.made.cert) if scheme == "https" else None
+        url = "%s://localhost:%d/" % (scheme, server.server_address[1])
+        with urllib.request.urlopen(url, timeout=TIMEOUT, context=context) as reply:
+            return reply.status
+
+    def test_http_server_and_xmlrpc(self):
+        log = self.capture("stderr")  # http.server's request log
+        made = self.http_recipe()
+        httpd, rpc = made["httpd"], made["rpc"]
+        self.assertEqual((httpd.max_requests, httpd.idle_timeout), (64, 10))
+        self.assertEqual((rpc.max_requests, rpc.idle_timeout), (64, 10))
+        # What the timeout is for, faster: a silent client holds the one slot
+        # until its idle timeout, then the next client is served.
+        httpd.max_requests, httpd.idle_timeout = 1, 0.2
+        self.serve(httpd)
+        self.connect(httpd)
+        self.assertEqual(self.get(httpd), 200)
+        self.assertIn("Request timed out", log.getvalue())  # the silent one, first
+        rpc.register_function(pow)
+        self.serve(rpc)
+        with xmlrpc.client.ServerProxy("http://127.0.0.1:%d/" % rpc.server_address[1]) as proxy:
+            self.assertEqual(proxy.pow(2, 10), 1024)
+
+    def check_https(self, httpsd):
+        """A silent client holds up nobody: the next one is served at once."""
+        self.addCleanup(httpsd.server_close)
+        self.capture("stderr")
+        self.serve(httpsd)
+        silent = self.connect(httpsd)
+        self.assertEqual(self.get(httpsd, "https"), 200)
+        silent.close()
+
+    def test_https_with_ssl_context(self):
+        made = self.recipe("httpsd = ThreadingHTTPServer(", self.http_recipe())
+        self.check_https(made["httpsd"])
+
+    @unittest.skipUnless(hasattr(http.server, "HTTPSServer"),
+                         "http.server.HTTPSServer is new in Python 3.14")
+    def test_https_with_https_server(self):
+        made = self.recipe("class ThreadingHTTPSServer(", self.http_recipe())
+        self.check_https(made["httpsd"])
+
+    def test_wsgi_application(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "hello_wsgi.py"), "w") as script:
+            script.write(readme_code("server_class=ThreadingWSGIServer").replace(
+                '"", 8000', '"127.0.0.1", 0'))
+        app = Program(self, [sys.executable, "hello_wsgi.py"], cwd=directory,
+                      ready=("stdout", r"\Aserving on port (\d+)\n"))
+        with urllib.request.urlopen("http://127.0.0.1:%d/" % app.port, timeout=TIMEOUT) as reply:
+            self.assertEqual(reply.read(), b"Hello from WSGI\n")
+        code, log = app.stop()
+        self.assertEqual(code, 0)
+        self.assertIn('"GET / HTTP/1.1" 200', log)  # wsgiref's request log
+        self.assertNotIn("Traceback", log)
+
+
 # ---------------------------------------------------------------------------
 # Real client programs
 # ---------------------------------------------------------------------------
@@ -3445,6 +3538,22 @@ class TestReadmeFirstScreen(unittest.TestCase):
         self.assertEqual(self.shell(one_liner, port).stdout, b"Your name? Hello, Ada\n")
         self.stop(process)
 
+    def test_sigterm_lets_a_client_at_its_prompt_finish(self):
+        process, port = self.start("greet.py")
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=TIMEOUT) as sock:
+            self.assertEqual(read_exactly(sock, 11), b"Your name? ")
+            process.process.send_signal(signal.SIGTERM)  # docker stop, systemctl stop
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:  # until it has stopped accepting
+                try:
+                    socket.create_connection(("127.0.0.1", int(port)), timeout=TIMEOUT).close()
+                except (ConnectionRefusedError, ConnectionResetError):
+                    break
+                time.sleep(0.01)
+            sock.sendall(b"Ada\n")  # the drain waits for us
+            self.assertEqual(read_all(sock), b"Hello, Ada\n")
+        self.assertEqual(process.wait(), (0, ""))
+
     @unittest.skipUnless(shutil.which("nc"), "nc is not installed (apt-get install netcat-openbsd)")
     def test_nc(self):
         process, port = self.start("greet.py")
@@ -3474,6 +3583,34 @@ class TestReadmeFirstScreen(unittest.TestCase):
                             input=b"Ada\n")
         self.assertEqual(result.stdout, b"Your name? Hello, Ada\n", result.stderr)
         self.stop(process)
+
+
+@unittest.skipUnless(shutil.which("openssl"), "openssl is not installed (apt-get install openssl)")
+class TestClientCertificateRecipe(unittest.TestCase):
+    """The README's CA and client certificate, as its lines make them."""
+
+    def test_openssl_lines_and_s_client(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+
+        def shell(command, **kwargs):
+            return subprocess.run(command, shell=True, cwd=directory, capture_output=True,
+                                  timeout=TIMEOUT, **kwargs)
+
+        for line in [readme_code("openssl req -x509 -newkey rsa:2048 -nodes -keyout key.pem")]\
+                + readme_code("-keyout ca.key").strip().splitlines():
+            result = shell(line)
+            self.assertEqual(result.returncode, 0, (line, result.stderr))
+        serve, connect = readme_code("--tls-ca ca.pem").strip().splitlines()
+        args = serve.split()[3:]
+        self.assertEqual(args[-4:-2], ["127.0.0.1", "6506"])
+        args[-3] = "0"
+        server = CommandLine(self, ["-1"] + args, cwd=directory)
+        connect = connect.replace("6506", str(server.port))
+        self.assertEqual(shell(connect, input=b"").stdout, b"hello\n")
+        refused = shell(connect.replace(" -cert alice.pem -key alice.key", ""), input=b"")
+        self.assertNotIn(b"hello", refused.stdout)
+        self.assertEqual(server.stop()[0], 0)
 
 
 class TestExampleErrors(unittest.TestCase):
