@@ -1030,6 +1030,9 @@ def _line_end(data: bytes, cr_ends: bool) -> int:
     return lf if cr < 0 else cr
 
 
+_Line = TypeVar("_Line", str, bytes)
+
+
 def _too_long(limit: int, unit: str) -> LineTooLong:
     return LineTooLong("line longer than max_line=%d %s" % (limit, unit))
 
@@ -1068,10 +1071,16 @@ class _BinaryReader(io.BufferedReader):
                 self.drop = _AN_LF if data[end] == 13 else _KEEP
 
     def readline(self, size: Optional[int] = -1) -> bytes:
+        return self.timed(self._read_line, size)
+
+    def timed(self, read_line: Callable[[Optional[int]], _Line],
+              size: Optional[int]) -> _Line:
+        """Return read_line(size), a line of either layer, read within
+        line_timeout if one is set."""
         if self.line_timeout is None:
-            return self._read_line(size)
+            return read_line(size)
         with self.source.line_due(self.line_timeout):
-            return self._read_line(size)
+            return read_line(size)
 
     def _read_line(self, size: Optional[int]) -> bytes:
         if self.drop:
@@ -1170,11 +1179,7 @@ class _TextReader(io.TextIOBase):
 
     # typeshed gives every IOBase's readline() bytes: hence the ignore.
     def readline(self, size: Optional[int] = -1) -> str:  # type: ignore[override]
-        binary = self._binary
-        if binary.line_timeout is None:
-            return self._read_line(size)
-        with binary.source.line_due(binary.line_timeout):
-            return self._read_line(size)
+        return self._binary.timed(self._read_line, size)
 
     def _read_line(self, size: Optional[int]) -> str:
         binary = self._binary
@@ -1283,10 +1288,7 @@ class _WideTextReader(io.TextIOWrapper):
 
     def readline(self, size: Optional[int] = -1) -> str:  # type: ignore[override]
         binary: _BinaryReader = self.buffer  # type: ignore[assignment]
-        if binary.line_timeout is None:
-            return self._read_line(size)
-        with binary.source.line_due(binary.line_timeout):
-            return self._read_line(size)
+        return binary.timed(self._read_line, size)
 
     def _read_line(self, size: Optional[int]) -> str:
         while self._dropping:

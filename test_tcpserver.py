@@ -1968,32 +1968,23 @@ class TestTLS(ServerTestCase):
         self.assertEqual(reply, b"the client took more than 0.2 seconds to send a line\n")
 
     def test_a_corrupt_record_costs_one_line_and_a_reset(self):
-        stderr = self.capture("stderr")
-        server = self.start_tls(lambda: print(input()), debug=True)
-        with self.connect(server) as sock:
-            tls_over(sock, self.cert)
-            # An application data record whose contents decrypt to nothing.
-            sock.sendall(b"\x17\x03\x03\x00\x40" + bytes(range(64)))
-            with self.assertRaises(ConnectionResetError):
-                read_all(sock)
-        self.stop(server)
-        log = stderr.getvalue()
-        self.assertRegex(log, r"tcpserver-1 finished \(TLS error, SSLError: .*\)")
-        self.assertNotIn("Traceback", log)
-        self.assertEqual(server.stats()["failed"], 1)
-
-    def test_a_corrupt_record_to_a_legacy_handler_costs_one_line(self):
-        stderr = self.capture("stderr")
-        server = self.serve(tcpserver.ThreadingTCPServer(
-            ("127.0.0.1", 0), EchoHandler, ssl_context=self.server_context()), debug=True)
-        with self.connect(server) as sock:
-            tls_over(sock, self.cert)
-            sock.sendall(b"\x17\x03\x03\x00\x40" + bytes(range(64)))
-            with self.assertRaises(ConnectionResetError):
-                read_all(sock)
-        self.stop(server)
-        self.assertRegex(stderr.getvalue(), r"tcpserver-1 finished \(TLS error, SSLError: .*\)")
-        self.assertNotIn("Traceback", stderr.getvalue())
+        for handler in (tcpserver.ThunkHandler, EchoHandler):  # our streams, socketserver's
+            with self.subTest(handler=handler.__name__):
+                stderr = self.capture("stderr")
+                server = self.serve(tcpserver.ThreadingTCPServer(
+                    ("127.0.0.1", 0), handler, thunk=lambda: print(input()),
+                    ssl_context=self.server_context()), debug=True)
+                with self.connect(server) as sock:
+                    tls_over(sock, self.cert)
+                    # An application data record whose contents decrypt to nothing.
+                    sock.sendall(b"\x17\x03\x03\x00\x40" + bytes(range(64)))
+                    with self.assertRaises(ConnectionResetError):
+                        read_all(sock)
+                self.stop(server)
+                log = stderr.getvalue()
+                self.assertRegex(log, r"tcpserver-1 finished \(TLS error, SSLError: .*\)")
+                self.assertNotIn("Traceback", log)
+                self.assertEqual(server.stats()["failed"], 1)
 
     def test_a_client_that_resets_while_queued_is_counted_without_a_warning(self):
         records = []
