@@ -205,6 +205,14 @@ def _wait_time(seconds: Optional[float]) -> Optional[float]:
     return seconds
 
 
+def _socket_time(seconds: Optional[float]) -> Optional[float]:
+    """Return seconds as a socket's own timeout: None (no limit) beyond
+    _LONGEST_POLL (24.8 days), which its wait, a poll() in milliseconds,
+    cannot take: a longer one would wrap around and end early."""
+    seconds = _wait_time(seconds)
+    return None if seconds is None or seconds > _LONGEST_POLL else seconds
+
+
 def _poll_time(seconds: Optional[float]) -> Optional[float]:
     """Return seconds as a timeout for one select() or poll(), for a caller
     that waits again if it ran out early: at most _LONGEST_POLL."""
@@ -472,7 +480,7 @@ def _read_exactly(conn: socket.socket, count: int,
             left = deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout("timed out")
-            conn.settimeout(left)
+            conn.settimeout(_socket_time(left))
         chunk = socket.socket.recv(conn, count - len(data))
         if not chunk:
             raise ProxyHeaderError("PROXY protocol header cut short after "
@@ -791,14 +799,13 @@ class _SocketReader(io.RawIOBase):
         return count
 
     def _receive(self, buffer: Any) -> int:
-        """One recv_into(buffer), within the line's deadline if one is due."""
-        if self._deadline is None:
-            return self._sock.recv_into(buffer)
-        self._sock.settimeout(_shorter(self._timeout, self._left()))
-        try:
-            return self._sock.recv_into(buffer)
-        finally:
-            self._sock.settimeout(self._timeout)
+        """One recv_into(buffer), within the line's deadline if one is due:
+        waited for here, so the socket's own timeout, which a thread
+        writing to the client meanwhile relies on, stays as it is."""
+        if self._deadline is not None and not _ready(
+                self._sock, True, _shorter(self._timeout, self._left())):
+            raise socket.timeout("timed out")
+        return self._sock.recv_into(buffer)
 
     def _left(self) -> float:
         """Seconds left until the line is due; socket.timeout if none."""
@@ -1083,22 +1090,47 @@ class _BinaryReader(io.BufferedReader):
             return read_line(size)
 
     def _read_line(self, size: Optional[int]) -> bytes:
+        """readline(size): take from the buffer exactly the line it returns.
+
+        A line that cannot be returned whole (too long, or an IdleTimeout
+        while it comes) is lost, and its rest is dropped before the next
+        read, so that it never reads as a line of its own.
+        """
         if self.drop:
             self.dropped()
-        limit = self.max_line
-        size = -1 if size is None else size
-        if limit is None or 0 <= size <= limit + 1:
-            return super().readline(size)
-        # Enough for limit bytes and a CRLF; sys.maxsize at most.
-        line = super().readline(min(limit, sys.maxsize - 2) + 2)
-        length = len(line)
-        if line.endswith(b"\n"):
-            length -= 2 if line.endswith(b"\r\n") else 1
-        elif length > limit:
-            self.drop = _TO_LF
-        if length > limit:
-            raise _too_long(limit, "bytes")
-        return line
+        room = sys.maxsize if size is None or size < 0 else size
+        pieces: List[bytes] = []
+        length = 0  # bytes in pieces
+        tail = b""  # their last two
+        midline = False  # bytes of the line are taken, its end is not
+        try:
+            while room > 0:
+                data = io.BufferedReader.peek(self)[:room]
+                if not data:
+                    break
+                end = data.find(b"\n")
+                piece = data if end < 0 else data[:end + 1]
+                io.BufferedReader.read(self, len(piece))
+                midline = end < 0
+                pieces.append(piece)
+                length += len(piece)
+                room -= len(piece)
+                tail = (tail + piece)[-2:]
+                # The line end, LF or CRLF, counts as nothing; so does a CR
+                # at the end of what came, while its LF may follow.
+                if end >= 0:
+                    line_end = 2 if tail == b"\r\n" else 1
+                else:
+                    line_end = 1 if tail.endswith(b"\r") else 0
+                if self.max_line is not None and length - line_end > self.max_line:
+                    raise _too_long(self.max_line, "bytes")
+                if end >= 0:
+                    break
+        except BaseException:
+            if midline:
+                self.drop = _TO_LF
+            raise
+        return b"".join(pieces)
 
     def read(self, size: Optional[int] = -1) -> bytes:
         if self.drop:
@@ -1182,33 +1214,51 @@ class _TextReader(io.TextIOBase):
         return self._binary.timed(self._read_line, size)
 
     def _read_line(self, size: Optional[int]) -> str:
+        """readline(size): take from the binary stream exactly the bytes of
+        the line it returns.
+
+        A line that cannot be returned whole (too long, undecodable with
+        decode_errors "strict", or an IdleTimeout while it comes) is lost,
+        and its rest is dropped before the next read, so that it never
+        reads as a line of its own.
+        """
         binary = self._binary
         if binary.drop:
             binary.dropped()
         room = sys.maxsize if size is None or size < 0 else size
         pieces: List[str] = []
         length = 0  # characters in pieces
-        while room > 0:
-            data = io.BufferedReader.peek(binary)
-            if not data:
-                pieces.append(self._decoded(b"", True))
-                break
-            # Each byte is at most one character: room bytes are enough.
-            end = _line_end(data[:room], True)
-            if end >= 0:
-                io.BufferedReader.read(binary, self._line_end_taken(data, end))
-                text = self._decoded(data[:end], True)
-                if self.max_line is not None and length + len(text) > self.max_line:
-                    self._refuse_line(True)
-                return "".join(pieces) + text + "\n"
-            piece = data[:room]
-            io.BufferedReader.read(binary, len(piece))
-            text = self._decoded(piece, False)
-            pieces.append(text)
-            length += len(text)
-            room -= len(text)
-            if self.max_line is not None and length > self.max_line:
-                self._refuse_line(False)
+        midline = False  # bytes of the line are taken, its end is not
+        try:
+            while room > 0:
+                data = io.BufferedReader.peek(binary)
+                if not data:
+                    pieces.append(self._decoded(b"", True))
+                    break
+                # Each byte is at most one character: room bytes are enough.
+                end = _line_end(data[:room], True)
+                if end >= 0:
+                    io.BufferedReader.read(binary, self._line_end_taken(data, end))
+                    midline = False
+                    text = self._decoded(data[:end], True)
+                    if self.max_line is not None and length + len(text) > self.max_line:
+                        raise _too_long(self.max_line, "characters")
+                    return "".join(pieces) + text + "\n"
+                piece = data[:room]
+                io.BufferedReader.read(binary, len(piece))
+                midline = True
+                text = self._decoded(piece, False)
+                pieces.append(text)
+                length += len(text)
+                room -= len(text)
+                if self.max_line is not None and length > self.max_line:
+                    raise _too_long(self.max_line, "characters")
+        except BaseException:
+            if midline:
+                binary.drop = _TO_LINE_END
+            self._decoder.reset()
+            self._pending = False
+            raise
         return "".join(pieces)
 
     def _line_end_taken(self, data: bytes, end: int) -> int:
@@ -1221,16 +1271,6 @@ class _TextReader(io.TextIOBase):
             elif data[end + 1] == 10:
                 return end + 2
         return end + 1
-
-    def _refuse_line(self, ended: bool) -> NoReturn:
-        """Raise LineTooLong; unless the line ended, its rest is dropped
-        before the next read."""
-        if not ended:
-            self._binary.drop = _TO_LINE_END
-            self._decoder.reset()
-            self._pending = False
-        assert self.max_line is not None
-        raise _too_long(self.max_line, "characters")
 
     def _decoded(self, data: bytes, final: bool) -> str:
         """Return data decoded, after what a last call left pending."""
@@ -1312,9 +1352,19 @@ _TextStdin = Union[_TextReader, _WideTextReader]
 def _buffer_size(size: int) -> int:
     """Return a handler's rbufsize or wbufsize as io's buffers take it,
     with socketserver's meanings too: a negative size is
-    io.DEFAULT_BUFFER_SIZE; 0, unbuffered, is one byte (nothing read ahead
-    or held back)."""
+    io.DEFAULT_BUFFER_SIZE; 0, unbuffered, is one byte (nothing read ahead;
+    _UnbufferedWriter holds nothing back)."""
     return io.DEFAULT_BUFFER_SIZE if size < 0 else max(size, 1)
+
+
+class _UnbufferedWriter(io.BufferedWriter):
+    """The binary output of a handler whose wbufsize is 0: each write goes
+    out whole at once, as socketserver's unbuffered wfile does."""
+
+    def write(self, data: Any) -> int:
+        count = super().write(data)
+        self.flush()
+        return count
 
 
 class ThunkHandler(socketserver.StreamRequestHandler):
@@ -1383,24 +1433,30 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         """Make rfile, wfile and the text streams stdin, stdout on the connection."""
         self.connection = self.request
         self.local_address = self.server.local_address(self.request)
-        if _wait_time(self.timeout) is not None:
-            self.connection.settimeout(self.timeout)
+        timeout = _socket_time(self.timeout)
+        if timeout is not None:
+            self.connection.settimeout(timeout)
             _writes_show_progress(self.connection)
         if self.disable_nagle_algorithm:
             self.connection.setsockopt(socket.IPPROTO_TCP,
                                        socket.TCP_NODELAY, True)
         self._timeout = self.connection.gettimeout()
-        if _is_tls(self.connection) and self._timeout is not None:
+        if _is_tls(self.connection) and (
+                self._timeout is not None
+                or _wait_time(self.server.line_timeout) is not None):
             # The ssl module would give each TLS call the whole timeout,
-            # however steadily the client moves: the streams wait instead.
+            # however steadily the client moves, and a blocking one none
+            # at all: the streams wait instead.
             self.connection.settimeout(0.0)
-        self.wfile = io.BufferedWriter(
+        unbuffered = self.wbufsize == 0  # socketserver's meaning
+        self.wfile = (_UnbufferedWriter if unbuffered else io.BufferedWriter)(
             _raw_writer(self.connection, self._timeout),
             _buffer_size(self.wbufsize))
         self.stdout = io.TextIOWrapper(self.wfile, encoding=self.encoding,
                                        errors=self.encode_errors,
                                        newline=self.newline,
-                                       line_buffering=self.line_buffering)
+                                       line_buffering=self.line_buffering,
+                                       write_through=unbuffered)
         # Made on first use: many thunks never read.
         self._rfile: Optional[_BinaryReader] = None
         self._stdin: Optional[_TextStdin] = None
@@ -1536,20 +1592,47 @@ def _check_handler(handler: Type[ThunkHandler]) -> None:
                    "an int of at most %d bytes (< 0: the default, 0: "
                    "unbuffered)" % _MAX_BUFFER)
     _check_seconds(name + ".timeout", handler.timeout)
-    if handler.newline not in ("\n", "\r\n", "\r"):
-        raise ValueError("%s.newline must be '\\n', '\\r\\n' or '\\r', not %r"
-                         % (name, handler.newline))
-    for attribute, lookup in (("encoding", codecs.lookup),
-                              ("decode_errors", codecs.lookup_error),
-                              ("encode_errors", codecs.lookup_error)):
+    _check_flag(name + ".line_buffering", handler.line_buffering)
+    if handler.newline not in ("\n", "\r\n", "\r", "", None):
+        raise ValueError("%s.newline must be '\\n', '\\r\\n', '\\r', '' or None, "
+                         "not %r" % (name, handler.newline))
+    for attribute in ("encoding", "decode_errors", "encode_errors"):
         value = getattr(handler, attribute)
         if not isinstance(value, str):
             raise TypeError("%s.%s must be a str, not %s"
                             % (name, attribute, type(value).__name__))
-        try:
-            lookup(value)
-        except LookupError as exc:
-            raise ValueError("%s.%s: %s" % (name, attribute, exc)) from None
+    _check_codec(name, handler.encoding, handler.decode_errors,
+                 handler.encode_errors)
+
+
+def _check_codec(name: str, encoding: str, decode_errors: str,
+                 encode_errors: str) -> None:
+    """Raise ValueError unless encoding is a text encoding, and its error
+    handlers are known and work in their direction (tried on bytes and
+    characters it cannot take).  sys.stdin's reads count on at most one
+    character for each byte: a decode_errors that makes more (as
+    "backslashreplace" does) is refused where CR is a byte."""
+    try:
+        if not getattr(codecs.lookup(encoding), "_is_text_encoding", True):
+            raise LookupError("%r is not a text encoding" % (encoding,))
+    except LookupError as exc:
+        raise ValueError("%s.encoding: %s" % (name, exc)) from None
+    try:
+        text = b"\xff\xfe\xfd".decode(encoding, decode_errors)
+    except UnicodeError:
+        text = ""  # it raises, as "strict" does
+    except (LookupError, TypeError) as exc:  # unknown, or not for decoding
+        raise ValueError("%s.decode_errors: %s" % (name, exc)) from None
+    if len(text) > 3 and _cr_is_a_byte(encoding):
+        raise ValueError("%s.decode_errors must make at most one character "
+                         "of each byte ('replace', 'surrogateescape', "
+                         "'ignore', 'strict'), not %r" % (name, decode_errors))
+    try:
+        "\udcff\u20ac".encode(encoding, encode_errors)
+    except UnicodeError:
+        pass  # it raises, as "strict" does
+    except (LookupError, TypeError) as exc:  # unknown, or not for encoding
+        raise ValueError("%s.encode_errors: %s" % (name, exc)) from None
 
 
 _SETTINGS: Dict[str, Callable[[str, Any], None]] = {
@@ -2106,10 +2189,7 @@ class _AcceptLoop:
         RuntimeError if the loop runs already (in another thread): one
         loop would not keep the other's max_requests."""
         with self.slots.lock:
-            if self.poll_interval is not None:
-                raise RuntimeError("serve_forever() is running already, in "
-                                   "another thread: a server serves in one "
-                                   "loop at a time")
+            self.refuse_second()
             self.poll_interval = poll_interval
         self.done.clear()
         try:
@@ -2134,6 +2214,13 @@ class _AcceptLoop:
             self.poll_interval = None
             self.done.set()
             self.server._request_threads.report_recovery()  # the last one
+
+    def refuse_second(self) -> None:
+        """Raise RuntimeError if the loop runs already."""
+        if self.poll_interval is not None:
+            raise RuntimeError("serve_forever() is running already, in "
+                               "another thread: a server serves in one loop "
+                               "at a time")
 
     def hand_out(self) -> bool:
         """Hand the lead on (lead_out is set): pass_lead().  If no thread
@@ -2313,7 +2400,7 @@ class _ConnectionSetup:
         with slots.lock:
             opened = slots.open.get(request)
         if opened is not None and opened.tls:
-            request.settimeout(_wait_time(server.handshake_timeout))
+            request.settimeout(_socket_time(server.handshake_timeout))
             request.do_handshake()  # type: ignore[attr-defined]
             request.settimeout(None)
         local, peer = server.get_addresses(request)
@@ -2359,10 +2446,23 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-# SIGHUP (a hangup of the terminal; not on Windows) stops too: its default
-# action would end the process without a drain, PROGRAMs and workers left.
+# The signals that may stop serving (see _stop_signals()); SIGHUP is not on
+# Windows.
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in
                       ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+def _stop_signals() -> List[int]:
+    """Return the signals that stop serving, as this process has them now:
+    SIGTERM and SIGINT; and SIGHUP (a hangup of the terminal), whose
+    default would end the process without a drain, leaving PROGRAMs and
+    workers behind, unless it is ignored (nohup) or has a handler of the
+    application's own."""
+    signals: List[int] = [signal.SIGTERM, signal.SIGINT]
+    hangup = getattr(signal, "SIGHUP", None)
+    if hangup is not None and signal.getsignal(hangup) == signal.SIG_DFL:
+        signals.append(hangup)
+    return signals
 
 
 def _unblock_stop_signals() -> None:
@@ -2370,9 +2470,10 @@ def _unblock_stop_signals() -> None:
 
 
 class _StopSignals:
-    """SIGTERM, SIGINT and SIGHUP handlers for serving until one comes, while in a
-    with block: the first stops the server (shutdown()), a second one, at
-    least patience seconds later, ends the process at once (stop_now())."""
+    """Handlers of the stop signals (_stop_signals()) for serving until one
+    comes, while in a with block: the first stops the server (shutdown()),
+    a second one, at least patience seconds later, ends the process at
+    once (stop_now())."""
 
     def __init__(self, server: "ThreadingTCPServer", patience: float) -> None:
         self.server = server
@@ -2382,7 +2483,7 @@ class _StopSignals:
 
     def __enter__(self) -> "_StopSignals":
         self.previous = {number: signal.signal(number, self.first)
-                         for number in _STOP_SIGNALS}
+                         for number in _stop_signals()}
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -2391,7 +2492,7 @@ class _StopSignals:
 
     def first(self, signum: int, frame: Any) -> None:
         self.first_at = time.monotonic()
-        for number in _STOP_SIGNALS:
+        for number in self.previous:
             signal.signal(number, self.second)
         # shutdown() waits for serve_forever(), so not from its thread.
         threading.Thread(target=self.server.shutdown, name="signal").start()
@@ -2414,13 +2515,14 @@ class _WorkerProcesses:
         self.count = count
         self.poll_interval = poll_interval
         self.running: Dict[int, float] = {}  # pid -> when it started
+        self.previous: Dict[int, Any] = {}  # the stop signals' own handlers
         self.stopping: List[int] = []  # the signals received, to pass on
         self.quick_deaths = 0  # workers in a row that died within a second
 
     def run(self, ready: Optional[Callable[[], None]]) -> None:
         """Fork, replace and stop the workers until a stop signal ends them."""
-        previous = {number: signal.signal(number, self.pass_on)
-                    for number in _STOP_SIGNALS}
+        self.previous = {number: signal.signal(number, self.pass_on)
+                         for number in _stop_signals()}
         # Blocking accept() in a worker that lost the race for a connection
         # would keep it from noticing shutdown().
         listener = self.server.socket
@@ -2437,7 +2539,7 @@ class _WorkerProcesses:
         finally:
             self.end_all()
             listener.setblocking(blocking)
-            for number, handler in previous.items():
+            for number, handler in self.previous.items():
                 signal.signal(number, handler)
 
     def pass_on(self, signum: int, frame: Any) -> None:
@@ -2492,6 +2594,11 @@ class _WorkerProcesses:
             return pid
         code = 1
         try:
+            # The worker takes the signals as this process did before it
+            # began to supervise (a SIGHUP ignored stays ignored), while
+            # they are blocked still.
+            for number, handler in self.previous.items():
+                signal.signal(number, handler)
             # The supervisor passes on a signal the worker may have had
             # too (a stop of the whole process group): not a second one.
             self.server.serve_until_signalled(self.poll_interval,
@@ -2508,6 +2615,32 @@ def _runs_thunks(handler_class: Any) -> bool:
     """Return True if handler_class is a ThunkHandler (it may be a partial)."""
     return isinstance(handler_class, type) and issubclass(handler_class,
                                                           ThunkHandler)
+
+
+def _raised_by(exc: BaseException, sock: socket.socket) -> bool:
+    """Did a call on the connection sock raise exc: a method of sock, or of
+    a stream its handler made on it (rfile, wfile, or what they buffer)?
+
+    exc's traceback says: its innermost frame is a method of the object
+    that raised it, and, further out, the handler's own frames show which
+    streams are the connection's (closed by now, they no longer tell).
+    """
+    owners = []
+    trace = exc.__traceback__
+    while trace is not None:
+        owners.append(trace.tb_frame.f_locals.get("self"))
+        trace = trace.tb_next
+    if not owners:
+        return False
+    connection: List[Any] = [sock]
+    for owner in owners:
+        if (isinstance(owner, socketserver.BaseRequestHandler)
+                and owner.request is sock):
+            for stream in (getattr(owner, "rfile", None),
+                           getattr(owner, "wfile", None)):
+                connection += [stream, getattr(stream, "raw", None)]
+    return any(owners[-1] is candidate for candidate in connection
+               if candidate is not None)
 
 
 def _describe(exc: BaseException) -> str:
@@ -2775,9 +2908,10 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     def _check_serving(self, poll_interval: float) -> None:
         """Raise TypeError or ValueError for a bad setting (check_settings())
         or poll_interval: a number of seconds >= 0 (inf: service_actions()
-        is never called)."""
+        is never called); RuntimeError if serve_forever() runs already."""
         _check_duration("poll_interval", poll_interval, zero_ok=True)
         self.check_settings()
+        self._loop.refuse_second()
 
     def _leads(self) -> bool:
         """Can request threads accept by themselves (leader/followers)?
@@ -3129,8 +3263,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     def _serve(self, request: socket.socket, local: _Address, peer: _Address,
                verbose: bool) -> None:
         """Run the handler on an admitted connection (finish_request())."""
-        if _wait_time(self.idle_timeout) is not None:
-            request.settimeout(self.idle_timeout)
+        timeout = _socket_time(self.idle_timeout)
+        if timeout is not None:
+            request.settimeout(timeout)
             _writes_show_progress(request)
         if verbose:
             with self._slots.lock:
@@ -3161,21 +3296,18 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
     def _legacy_failure_kind(self, request: socket.socket,
                              exc: BaseException) -> str:
-        """Name what most likely ended a request whose handler is not a
-        ThunkHandler (whose streams say exactly, with IdleTimeout and their
-        note of TLS errors): a socket.timeout while the connection has a
-        timeout is the client's silence, "timed out"; an ssl.SSLError on a
-        TLS connection the client's records, "TLS error"; else "error"."""
-        if _runs_thunks(self.RequestHandlerClass):
+        """Name what ended a request whose handler is not a ThunkHandler
+        (whose streams say exactly, with IdleTimeout and their note of TLS
+        errors), if the connection itself raised it (_raised_by()): a
+        socket.timeout is the client's silence, "timed out"; an
+        ssl.SSLError the client's records, "TLS error".  Else "error": any
+        other socket's, a future's TimeoutError, a bug."""
+        if _runs_thunks(self.RequestHandlerClass) or not _raised_by(exc, request):
             return "error"
         if isinstance(exc, socket.timeout):
-            try:
-                if request.gettimeout() is not None:
-                    return "timed out"
-            except OSError:
-                pass  # closed meanwhile
+            return "timed out"
         ssl = sys.modules.get("ssl")  # imported, if the connection is TLS
-        if ssl is not None and _is_tls(request) and isinstance(exc, ssl.SSLError):
+        if ssl is not None and isinstance(exc, ssl.SSLError):
             return "TLS error"
         return "error"
 

@@ -1369,9 +1369,13 @@ class TestLimit(ServerTestCase):
         deadline = time.monotonic() + TIMEOUT
         while not server.serving and time.monotonic() < deadline:
             time.sleep(0.001)  # serve_forever() has begun in its thread
-        for call in (server, server.serve_forever, server.serve_until_signalled):
+        ready = []
+        for call in (server, server.serve_forever,
+                     functools.partial(server.serve_until_signalled,
+                                       ready=lambda: ready.append(True))):
             with self.assertRaisesRegex(RuntimeError, "serve_forever\\(\\) is running already"):
                 call(poll_interval=0.01)
+        self.assertEqual(ready, [])  # not told it is up
         clients = [self.connect(server) for _ in range(4)]
         for _ in range(2):
             self.assertTrue(running.acquire(timeout=TIMEOUT))
@@ -1950,22 +1954,30 @@ class TestTLS(ServerTestCase):
             except tcpserver.IdleTimeout as exc:
                 print(exc)
 
-        server = self.start_tls(thunk, timeout=1, line_timeout=0.2)
-        with self.connect(server) as sock:
-            tls = tls_over(sock, self.cert)
-            sock.settimeout(0.02)
-            deadline = time.monotonic() + TIMEOUT
-            reply = b""
-            while not reply.endswith(b"\n") and time.monotonic() < deadline:
-                try:
-                    tls.pull()
-                    reply += tls.read(1000)
-                except ssl.SSLWantReadError:
-                    pass  # a record that is not data (a session ticket)
-                except socket.timeout:
-                    tls.write(b"x")  # a record of one byte every 20 ms
-                    tls.push()
-        self.assertEqual(reply, b"the client took more than 0.2 seconds to send a line\n")
+        # A byte every 20 ms, with an idle timeout; one byte, then silence,
+        # without one (the connection is blocking then, but for the streams).
+        for settings, drip in (({"timeout": 1}, True), ({}, False)):
+            with self.subTest(**settings):
+                server = self.start_tls(thunk, line_timeout=0.2, **settings)
+                with self.connect(server) as sock:
+                    tls = tls_over(sock, self.cert)
+                    sock.settimeout(0.02)
+                    deadline = time.monotonic() + TIMEOUT
+                    reply, sent = b"", 0
+                    while not reply.endswith(b"\n") and time.monotonic() < deadline:
+                        try:
+                            tls.pull()
+                            reply += tls.read(1000)
+                        except ssl.SSLWantReadError:
+                            pass  # a record that is not data (a session ticket)
+                        except socket.timeout:
+                            if drip or not sent:
+                                tls.write(b"x")  # a record of one byte
+                                tls.push()
+                                sent += 1
+                self.assertEqual(reply,
+                                 b"the client took more than 0.2 seconds to send a line\n")
+                self.stop(server)
 
     def test_a_corrupt_record_costs_one_line_and_a_reset(self):
         for handler in (tcpserver.ThunkHandler, EchoHandler):  # our streams, socketserver's
@@ -2191,6 +2203,67 @@ class TestTimeouts(ServerTestCase):
                 self.assertEqual(self.drip(server, layer + b"\n"),
                                  b"the client took more than 0.2 seconds to send a line True\n")
 
+    def test_a_line_lost_to_an_error_leaves_no_tail(self):
+        def thunk():
+            layer = sys.stdin if input() == "text" else sys.stdin.buffer
+            for _ in range(2):
+                try:
+                    print(repr(layer.readline()))
+                except (tcpserver.IdleTimeout, UnicodeDecodeError) as exc:
+                    print(type(exc).__name__)
+
+        class Strict(tcpserver.ThunkHandler):
+            decode_errors = "strict"
+
+        server = self.serve(tcpserver.ThreadingTCPServer(
+            ("127.0.0.1", 0), Strict, thunk=thunk, line_timeout=0.2))
+        cases = [(b"text", [b"GET ", b"/adm", b"in\n"], [b"IdleTimeout", b"'next\\n'"]),
+                 (b"binary", [b"GET ", b"/adm", b"in\n"], [b"IdleTimeout", b"b'next\\n'"]),
+                 (b"text", [b"NOTE: \xff ", b"DELETE ALL\n"],
+                  [b"UnicodeDecodeError", b"'next\\n'"])]
+        for layer, pieces, expected in cases:
+            with self.subTest(layer=layer, pieces=pieces):
+                with self.connect(server) as sock:
+                    sock.sendall(layer + b"\n")
+                    lines = sock.makefile("rb")
+                    for piece in pieces:
+                        sock.sendall(piece)
+                        if piece.startswith(b"/adm"):  # after the line's deadline
+                            self.assertEqual(lines.readline().rstrip(), expected[0])
+                    sock.sendall(b"next\n")
+                    replies = [line.rstrip() for line in lines]
+                    lines.close()
+                self.assertEqual(expected[1:] if b"/adm" in pieces else expected, replies)
+
+    def test_a_line_timeout_leaves_the_socket_to_a_writing_thread(self):
+        size = 4 * 2 ** 20
+
+        def thunk():
+            handler = tcpserver.current_connection()
+
+            def write():
+                for _ in range(size // 65536):  # a write call each: each sees the socket
+                    handler.wfile.write(b"x" * 65536)
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            line = input()  # waits, with its deadline, while the writer writes
+            writer.join()
+            handler.wfile.flush()
+            print(line)
+
+        class SmallSendQueue(tcpserver.ThunkHandler):
+            def setup(self):  # so the writer waits for room, many times
+                self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+                super().setup()
+
+        server = self.serve(tcpserver.ThreadingTCPServer(
+            ("127.0.0.1", 0), SmallSendQueue, thunk=thunk, line_timeout=TIMEOUT))
+        with small_window_connection(server) as sock:
+            self.assertEqual(read_exactly(sock, size), b"x" * size)
+            sock.sendall(b"done\n")
+            self.assertEqual(read_all(sock), b"done\n")
+
     def test_a_line_timeout_is_per_line(self):
         server = self.serve(tcpserver.make_tcp_server(
             ("127.0.0.1", 0), echo_lines, line_timeout=0.2))
@@ -2242,6 +2315,24 @@ class TestExtremeSettings(ServerTestCase):
                         self.assertEqual(self.talk(server, header + b"hi\n"),
                                          b"192.0.2.1 hi\n")
                     self.stop(server)
+
+    def test_a_socket_timeout_beyond_what_poll_takes(self):
+        # 2**32 ms and 50 ms: a socket given it would wait 50 ms (the int
+        # of milliseconds wraps around); beyond 24.8 days it means no limit.
+        wrapping = (2 ** 32 + 50) / 1000
+        for settings in ({"timeout": wrapping}, {"line_timeout": wrapping}):
+            with self.subTest(**settings):
+                server = self.serve(tcpserver.make_tcp_server(
+                    ("127.0.0.1", 0), lambda: print(input()), **settings))
+                with self.connect(server) as sock:
+                    sock.sendall(b"a")  # a line begun
+                    sock.settimeout(0.2)
+                    with self.assertRaises(socket.timeout):  # not a reset after 50 ms
+                        sock.recv(100)
+                    sock.sendall(b"b\n")
+                    sock.settimeout(TIMEOUT)
+                    self.assertEqual(read_all(sock), b"ab\n")
+                self.stop(server)
 
     def test_a_reset_grace_of_forever_still_ends_the_drain(self):
         started = threading.Event()
@@ -2313,12 +2404,47 @@ class TestExtremeSettings(ServerTestCase):
                  ("encoding", "no-such-codec", ValueError, "Bad.encoding: unknown encoding"),
                  ("decode_errors", None, TypeError, "Bad.decode_errors must be a str"),
                  ("encode_errors", "nope", ValueError, "Bad.encode_errors: unknown error"),
-                 ("newline", "\n\n", ValueError, "Bad.newline must be")]
+                 ("newline", "\n\n", ValueError, "Bad.newline must be"),
+                 ("encoding", "rot13", ValueError, "Bad.encoding: 'rot13' is not a text encoding"),
+                 ("decode_errors", "xmlcharrefreplace", ValueError, "Bad.decode_errors: "),
+                 ("decode_errors", "backslashreplace", ValueError,
+                  "Bad.decode_errors must make at most one character of each byte"),
+                 ("line_buffering", "no", TypeError, "Bad.line_buffering must be True or False")]
         for attribute, value, error, message in cases:
             with self.subTest(attribute=attribute):
                 bad = type("Bad", (tcpserver.ThunkHandler,), {attribute: value})
                 with self.assertRaisesRegex(error, re.escape(message)):
                     tcpserver.ThreadingTCPServer(("127.0.0.1", 0), bad, thunk=print)
+
+    def test_every_newline_textiowrapper_takes(self):
+        for newline in ("\n", "\r\n", "\r", "", None):
+            with self.subTest(newline=newline):
+                handler = type("Handler", (tcpserver.ThunkHandler,), {"newline": newline})
+                server = self.serve(tcpserver.ThreadingTCPServer(
+                    ("127.0.0.1", 0), handler, thunk=lambda: print("a")))
+                self.assertEqual(self.talk(server), b"a" + (newline or os.linesep).encode())
+                self.stop(server)
+
+    def test_unbuffered_output_leaves_at_once(self):
+        class Unbuffered(tcpserver.ThunkHandler):
+            wbufsize = 0  # socketserver's unbuffered
+            line_buffering = False
+
+        seen = [threading.Event(), threading.Event()]
+
+        def thunk():  # no read, which would flush: only the writes themselves
+            sys.stdout.buffer.write(b"a")
+            seen[0].wait(TIMEOUT)
+            sys.stdout.write("b")
+            seen[1].wait(TIMEOUT)
+
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), Unbuffered,
+                                                         thunk=thunk))
+        with self.connect(server) as sock:
+            for expected, event in zip((b"a", b"b"), seen):
+                self.assertEqual(read_exactly(sock, 1), expected)
+                event.set()
+            self.assertEqual(read_all(sock), b"")
 
     def test_socketservers_buffer_sizes(self):
         class Copied(tcpserver.ThunkHandler):
@@ -3299,6 +3425,23 @@ class TestLegacy(ServerTestCase):
             server.trusted_proxies = ["127.0.0.0/8"]
             server.handle_request()  # the header is read, not echoed
             self.assertEqual(read_all(sock), b"5:once\n")
+
+    def test_another_sockets_timeout_in_a_legacy_handler_is_an_error(self):
+        class Backend(socketserver.StreamRequestHandler):
+            def handle(self):
+                near, far = socket.socketpair()
+                with near, far:
+                    near.settimeout(0.01)
+                    near.recv(1)  # a backend that does not answer: the handler's bug
+
+        stderr = self.capture("stderr")
+        server = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), Backend,
+                                                         timeout=TIMEOUT), debug=True)
+        self.assert_reset(server)
+        self.stop(server)
+        self.assertIn("finished (error, %s: timed out)" % socket.timeout.__name__,
+                      stderr.getvalue())
+        self.assertIn("Traceback", stderr.getvalue())
 
     def test_the_idle_timeout_in_a_legacy_handler_costs_one_line(self):
         stderr = self.capture("stderr")
@@ -4489,6 +4632,28 @@ class TestCommandLine(unittest.TestCase):
                 self.assertTrue(pid_gone(pid))
                 # Nothing of it still listens: the port can be had again.
                 socket.create_server(("127.0.0.1", server.port)).close()
+
+    def test_an_ignored_sighup_stays_ignored(self):
+        # As nohup leaves it: SIGHUP ignored before the server starts.
+        nohup = ["sh", "-c", 'trap "" HUP; exec "$@"', "sh", sys.executable, "-m", "tcpserver"]
+        server = CommandLine(self, ["-1", "--drain", "0.1", "127.0.0.1", "0",
+                                    "sh", "-c", "echo $$; exec sleep 60"], command=nohup)
+        with server.connect() as sock:
+            pid = int(sock.makefile().readline())
+            server.process.send_signal(signal.SIGHUP)
+            server.process.send_signal(signal.SIGTERM)
+            code, log = server.wait()
+        self.assertEqual(code, 0)
+        # SIGTERM was the first stop, not a second one after SIGHUP: a drain.
+        self.assertIn("still running after the drain", log)
+        self.assertNotIn("a second signal", log)
+        self.assertTrue(pid_gone(pid))
+        workers = CommandLine(self, ["-1", "-w", "2", "127.0.0.1", "0", "echo", "up"],
+                              command=nohup)
+        workers.process.send_signal(signal.SIGHUP)
+        for _ in range(3):  # still serving, whichever worker takes it
+            self.assertEqual(workers.talk(), b"up\n")
+        self.assertEqual(workers.stop()[0], 0)
 
     def test_the_timeout_bounds_the_wait_for_a_tls_handshake_or_proxy_header(self):
         made = certificates()
