@@ -1705,6 +1705,7 @@ class _Slots:
         self.drained: Set[socket.socket] = set()  # reset by server_close()
         self.counts = dict.fromkeys(_STATS, 0)  # stats() without "active"
         self.dispatched = 0      # requests handed to a thread so far
+        self.ended = 0           # open requests counted as ended already
 
     def take(self, limit: Optional[int], timeout: Optional[float],
              log: Callable[[str, int], None]) -> None:
@@ -1770,7 +1771,9 @@ class _Slots:
         was refused before it became one (counted then)."""
         with self.lock:
             opened = self.open.pop(request, None)
-            if opened is not None and not opened.counted:
+            if opened is not None and opened.counted:
+                self.ended -= 1  # counted by end(): not active since
+            elif opened is not None:
                 # process_request() raised before a thread served it.
                 self.counts["failed"] += 1
             if opened is not None and opened.host is not None:
@@ -1811,20 +1814,28 @@ class _Slots:
             self.counts[_COUNTED_AS.get("drained" if drained else kind,
                                         "failed")] += 1
             opened = self.open.get(request)
-            if opened is not None:
+            if opened is not None and not opened.counted:
+                # Not active from now on, in the same step, so that stats()
+                # adds up while the connection is being closed.
                 opened.counted = True
+                self.ended += 1
             return drained
 
     def drain(self) -> List[socket.socket]:
-        """Mark every open request as reset by server_close(); return them."""
+        """Mark every open request still running as reset by
+        server_close(); return them.  One that has ended (counted by end())
+        is being closed in order by its thread: a reset now would drop what
+        it has not sent yet, and its mark would never come off."""
         with self.lock:
-            self.drained.update(self.open)
-            return list(self.open)
+            running = [request for request, opened in self.open.items()
+                       if not opened.counted]
+            self.drained.update(running)
+            return running
 
     def stats(self) -> Dict[str, int]:
         with self.lock:
             counts = dict(self.counts)
-            counts["active"] = len(self.open)
+            counts["active"] = len(self.open) - self.ended
         return counts
 
 
@@ -1976,12 +1987,20 @@ class _RequestThreads:
         to end."""
         loop = self.server._loop
         with self.slots.lock:
-            if loop.take_vacant_lead():
-                worker.job = _LEAD
-                return
-            if (self.closing or loop.selector is None  # not serving: end
-                    or len(self.spare) >= self.server.max_spare_threads):
-                return
+            while True:
+                if loop.take_vacant_lead():
+                    worker.job = _LEAD
+                    return
+                if self.closing or loop.selector is None:
+                    return  # not serving: end
+                if len(self.spare) < self.server.max_spare_threads:
+                    break
+                if not loop.handing_out:
+                    return  # spare threads enough: end
+                # A hand-out of the lead is under way, and may fail (no
+                # thread can start): then the lead falls vacant, and this
+                # thread may be the only one left to take it.
+                loop.vacated.wait()
             self.spare.append(worker)
             self.slots.freed.notify()  # for wait_for_spare(), if it waits
         lifetime = _wait_time(self.server.spare_thread_lifetime)
@@ -2070,6 +2089,7 @@ class _AcceptLoop:
         self.selector: Optional[selectors.BaseSelector] = None  # the leader's
         self.led = False       # run_led() runs, with threads leading
         self.lead_out = False  # a thread has the lead, or is being handed it
+        self.handing_out = False  # hand_out() is under way
         self.vacated = threading.Condition(self.slots.lock)  # lead_out fell
         self.failure: Optional[BaseException] = None  # a leader's, to raise
 
@@ -2144,6 +2164,9 @@ class _AcceptLoop:
                 if self.stopped.is_set():
                     return
                 vacant = self.take_vacant_lead()
+                # Under way from now on, for wait_for_job(): hand_out() says
+                # so itself, too late for a thread that turns free meanwhile.
+                self.handing_out = vacant
             if vacant:
                 failures = 0 if self.hand_out() else failures + 1
             if time.monotonic() >= actions_at:
@@ -2227,11 +2250,16 @@ class _AcceptLoop:
         took it, or an exception (KeyboardInterrupt) came first, the lead
         falls vacant.  Returns whether a thread took it."""
         handed = False
+        with self.slots.lock:
+            self.handing_out = True
         try:
             handed = self.pass_lead()
         finally:
             if not handed:
                 self.return_lead()
+            with self.slots.lock:
+                self.handing_out = False
+                self.vacated.notify_all()  # for wait_for_job()
         return handed
 
     def pass_lead(self) -> bool:

@@ -2244,6 +2244,10 @@ class TestTimeouts(ServerTestCase):
             def write():
                 for _ in range(size // 65536):  # a write call each: each sees the socket
                     handler.wfile.write(b"x" * 65536)
+                    # Through to the socket even where a write this size
+                    # fits in the buffer (3.14's io.DEFAULT_BUFFER_SIZE is
+                    # 128 KiB): the client waits for all of it.
+                    handler.wfile.flush()
 
             writer = threading.Thread(target=write)
             writer.start()
@@ -2564,6 +2568,30 @@ class TestDrain(ServerTestCase):
             shown = re.search(r">>> server.stats\(\)\n\s+(\{.*\})", readme.read()).group(1)
         self.assertEqual(list(server.stats()), list(eval(shown)))  # the README's order
 
+    def test_stats_add_up_at_every_moment(self):
+        # accepted == completed + failed + refused + active in every
+        # snapshot, also while a request's connection is being closed.
+        server = self.start(lambda: print("ok"), max_requests=None)
+        done = threading.Event()
+        broken = []
+
+        def poll():
+            while not done.is_set():
+                stats = server.stats()
+                if stats["accepted"] != (stats["completed"] + stats["failed"]
+                                         + stats["refused"] + stats["active"]):
+                    broken.append(stats)
+
+        poller = threading.Thread(target=poll, name="poll stats")
+        poller.start()
+        try:
+            for _ in range(100):
+                self.assertEqual(self.talk(server), b"ok\n")
+        finally:
+            done.set()
+            poller.join(TIMEOUT)
+        self.assertEqual(broken[:3], [])
+
     def test_example_drains_on_sigterm(self):
         example = Program(self, [sys.executable, os.path.join(HERE, "example_daytime.py"), "0"],
                           ready=("stderr", r"\A.*port (\d+)"))
@@ -2740,6 +2768,29 @@ class TestThreadsThatCannotStart(ServerTestCase):
         self.stop(server)
         self.assertEqual(server.stats()["completed"], 4)
         self.assertEqual(stderr.getvalue().count("cannot start a request thread"), 1)
+
+    def test_a_slow_failing_hand_out_of_the_lead_keeps_the_last_thread(self):
+        # serve_forever()'s thread holds the vacant lead while it fails to
+        # start a thread for it (slowly here): the request thread that
+        # finishes meanwhile, the only one, must take the lead, not end.
+        server, stderr = self.start_logged(lambda: print("hi"))
+        self.assertEqual(self.talk(server), b"hi\n")  # a thread has the lead
+        original = threading.Thread.start
+
+        def start(thread):
+            if thread.name.startswith("tcpserver-"):
+                if threading.current_thread() is server.test_thread:
+                    time.sleep(0.05)
+                raise RuntimeError("can't start new thread")
+            return original(thread)
+
+        patcher = unittest.mock.patch.object(threading.Thread, "start", start)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for _ in range(3):
+            self.assertEqual(self.talk(server), b"hi\n")
+        self.stop(server)
+        self.assertEqual(server.stats()["completed"], 4)
 
     def test_a_thread_start_that_raises_costs_that_client_only(self):
         server, stderr = self.start_logged(lambda: print("hi"))
@@ -3229,11 +3280,15 @@ class TestSoakAndFaults(ServerTestCase):
             read_all(silent)
 
         # Every connection so far was accepted and has ended, each in its way.
+        # Each request's "finished" line is its thread's last word, logged
+        # after its slot came back: wait for them all, not just for the
+        # counts (the silent client's, say, may still be coming).
         opened = len(plan) + 1
         with changed:
             self.assertTrue(changed.wait_for(
-                lambda: (server.stats()["accepted"], server.stats()["active"]) == (opened, 0),
-                TIMEOUT), server.stats())
+                lambda: len(finished) == opened
+                and (server.stats()["accepted"], server.stats()["active"]) == (opened, 0),
+                TIMEOUT), (server.stats(), len(finished)))
         stats = server.stats()
         self.assertEqual(stats["completed"] + stats["failed"], opened, stats)
         self.assertEqual(stats["refused"], 0)
