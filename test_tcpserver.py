@@ -2585,7 +2585,7 @@ class TestDrain(ServerTestCase):
         poller = threading.Thread(target=poll, name="poll stats")
         poller.start()
         try:
-            for _ in range(100):
+            for _ in range(30):
                 self.assertEqual(self.talk(server), b"ok\n")
         finally:
             done.set()
