@@ -3921,6 +3921,8 @@ class _CommandServer(ThreadingTCPServer):
         self._running = 0
         self._numbers = 0
         self._children: Set[Any] = set()  # subprocess.Popen
+        self._spawn_lock = threading.Lock()  # held while one starts
+        self._stopping_now = False  # stop_now() has run: start no more
         # The process groups of PROGRAMs that ended while others of the
         # group still ran, each group's id its PROGRAM's pid: the server
         # ends them too when it stops, as they may hold a connection.
@@ -4056,10 +4058,18 @@ class _CommandServer(ThreadingTCPServer):
         if banner and self.options.banner:
             connection.sendall(self.options.banner)
 
-    def spawned(self, child: Any) -> None:
-        """Remember a running PROGRAM, so server_close() can end it."""
-        with self._log_lock:
-            self._children.add(child)
+    def spawn(self, program: List[str], **popen: Any) -> Any:
+        """Start a PROGRAM (subprocess.Popen(program, **popen)), and
+        remember it in the same step, so server_close() and stop_now() can
+        end it: one started just as stop_now() ends the others would
+        outlive the server.  Raises RuntimeError once stop_now() has run."""
+        with self._spawn_lock:
+            if self._stopping_now:
+                raise RuntimeError("stopping at once: no more PROGRAMs")
+            child = subprocess.Popen(program, **popen)
+            with self._log_lock:
+                self._children.add(child)
+        return child
 
     def reaped(self, child: Any) -> None:
         """Forget a PROGRAM that ended, but not its process group while
@@ -4100,6 +4110,8 @@ class _CommandServer(ThreadingTCPServer):
     def stop_now(self) -> None:
         """SIGKILL every PROGRAM's process group, at once, and reap the
         PROGRAMs: we are exiting, and nothing of ours may linger."""
+        with self._spawn_lock:  # none half started, and none from now on
+            self._stopping_now = True
         with self._log_lock:
             children = list(self._children)
             groups = [child.pid for child in children] + list(self._left)
@@ -4172,10 +4184,9 @@ class _ProgramHandler(_CommandConnection):
         self.status = _EXIT_TEMPORARY << 8  # as ucspi-tcp's child that cannot exec
         # A session of its own, so it and its children can be ended together
         # (killpg); unlike preexec_fn, start_new_session is safe in threads.
-        child = subprocess.Popen(server.options.program, stdin=stream,
-                                 stdout=stream, env=environment,
-                                 start_new_session=True)
-        server.spawned(child)
+        child = server.spawn(server.options.program, stdin=stream,
+                             stdout=stream, env=environment,
+                             start_new_session=True)
         self.number = child.pid
         try:
             server.started(child.pid, self.client_address, fields)

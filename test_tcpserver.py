@@ -4423,6 +4423,33 @@ class TestCommandLine(unittest.TestCase):
         self.assertLess(time.monotonic() - began, 5)
         self.assertTrue(pid_gone(pid))
 
+    def test_stop_now_ends_a_program_just_starting(self):
+        # The second signal's stop_now() comes while a PROGRAM is starting:
+        # it waits for it, and ends it with the others.
+        options = tcpserver._parse_command_line(["127.0.0.1", "0", "sleep", "60"])
+        server = tcpserver._CommandServer(("127.0.0.1", 0), tcpserver._ProgramHandler,
+                                          options=options, bind_and_activate=False)
+        self.addCleanup(server.server_close)
+        real_popen, started, children = subprocess.Popen, threading.Event(), []
+
+        def slow_popen(*args, **kwargs):
+            child = real_popen(*args, **kwargs)
+            started.set()
+            time.sleep(0.1)  # widens the gap between a start and its note
+            return child
+
+        with unittest.mock.patch.object(subprocess, "Popen", slow_popen):
+            spawner = threading.Thread(target=lambda: children.append(
+                server.spawn(["sleep", "60"], start_new_session=True)))
+            spawner.start()
+            self.assertTrue(started.wait(TIMEOUT))
+            server.stop_now()
+            spawner.join(TIMEOUT)
+        self.assertEqual(len(children), 1)
+        self.assertEqual(children[0].wait(TIMEOUT), -signal.SIGKILL)
+        with self.assertRaisesRegex(RuntimeError, "stopping at once"):
+            server.spawn(["true"])
+
     def test_a_second_signal_ends_even_a_thunk_that_never_returns(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
