@@ -1899,12 +1899,34 @@ class TestTLS(ServerTestCase):
         self.assertIn("finished (setup failed, SSLError", stderr.getvalue())
 
     def test_a_steady_reader_is_not_cut_by_the_idle_timeout(self):
+        class SmallBuffers(tcpserver.ThunkHandler):
+            def setup(self):  # so the reply cannot hide in the kernel's buffers
+                self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+                super().setup()
+
+        size = 10 ** 6
         server = self.serve(tcpserver.ThreadingTCPServer(
-            ("127.0.0.1", 0), LargeSendQueue, thunk=write_in_one_call,
-            ssl_context=self.server_context(), timeout=STEADY_TIMEOUT))
+            ("127.0.0.1", 0), SmallBuffers, thunk=lambda: sys.stdout.buffer.write(b"x" * size),
+            ssl_context=self.server_context(), timeout=0.2))
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        raw.settimeout(TIMEOUT)
+        raw.connect(server.server_address)
         with ssl.create_default_context(cafile=self.cert).wrap_socket(
-                small_window_connection(server), server_hostname="localhost") as sock:
-            self.assertEqual(read_steadily(sock), STEADY_SIZE)
+                raw, server_hostname="localhost") as sock:
+            received = 0
+            while True:  # 64 KiB every 20 ms: about 0.3 s for all, no pause near 0.2 s
+                step = 0
+                while step < 65536:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    step += len(chunk)
+                received += step
+                if step < 65536:
+                    break
+                time.sleep(0.02)
+        self.assertEqual(received, size)
         self.stop(server)
         self.assertEqual(server.stats()["completed"], 1)
 
