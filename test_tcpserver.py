@@ -2352,7 +2352,7 @@ class TestExtremeSettings(ServerTestCase):
                     ("127.0.0.1", 0), lambda: print(input()), **settings))
                 with self.connect(server) as sock:
                     sock.sendall(b"a")  # a line begun
-                    sock.settimeout(0.2)
+                    sock.settimeout(0.1)
                     with self.assertRaises(socket.timeout):  # not a reset after 50 ms
                         sock.recv(100)
                     sock.sendall(b"b\n")
@@ -4464,17 +4464,19 @@ class TestCommandLine(unittest.TestCase):
             time.sleep(0.1)  # widens the gap between a start and its note
             return child
 
-        with unittest.mock.patch.object(subprocess, "Popen", slow_popen):
+        with unittest.mock.patch.object(subprocess, "Popen", slow_popen), \
+                unittest.mock.patch.object(sys, "stderr", io.StringIO()):
             spawner = threading.Thread(target=lambda: children.append(
                 server.spawn(["sleep", "60"], start_new_session=True)))
             spawner.start()
             self.assertTrue(started.wait(TIMEOUT))
             server.stop_now()
             spawner.join(TIMEOUT)
-        self.assertEqual(len(children), 1)
-        self.assertEqual(children[0].wait(TIMEOUT), -signal.SIGKILL)
-        with self.assertRaisesRegex(RuntimeError, "stopping at once"):
-            server.spawn(["true"])
+            self.assertEqual(len(children), 1)
+            self.assertEqual(children[0].wait(TIMEOUT), -signal.SIGKILL)
+            with self.assertRaisesRegex(RuntimeError, "stopping at once"):
+                server.spawn(["true"])
+            server.server_close()  # its warnings, of PROGRAMs it still knows, to the patch
 
     def test_a_second_signal_ends_even_a_thunk_that_never_returns(self):
         directory = tempfile.mkdtemp()
