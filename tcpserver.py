@@ -2680,6 +2680,36 @@ def _describe(exc: BaseException) -> str:
     return "%s: %s" % (type(exc).__name__, message)
 
 
+# Linux's TCP states (tcp_info's first byte) in which the client's FIN has
+# come: TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING.
+_FIN_RECEIVED = frozenset((6, 8, 9, 11))
+
+
+def _traffic(conn: socket.socket) -> str:
+    """Return ", N bytes in, M out" for the diagnostic line of a connection
+    about to close: the bytes it received and sent on the wire (TLS records
+    included), as the kernel counted them; "" where it does not say.
+
+    Linux's TCP_INFO gives the bytes received and those the client
+    acknowledged; TIOCOUTQ adds those sent or queued, not acknowledged yet.
+    """
+    try:
+        import fcntl
+        import termios
+        info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        queued = fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    except (AttributeError, ImportError, OSError, ValueError):
+        return ""  # not Linux, not TCP, or closed already
+    if len(info) < 136:  # a kernel older than 4.2
+        return ""
+    acknowledged, received = struct.unpack_from("=QQ", info, 120)
+    if info[0] in _FIN_RECEIVED:
+        received -= 1  # the client's FIN counts as a byte there
+    sent = acknowledged + struct.unpack("=i", queued)[0]
+    return ", %d bytes in, %d out" % (received, sent)
+
+
+
 def _host(address: _Address) -> str:
     """Return the host part of an address for a diagnostic line."""
     if isinstance(address, tuple) and address:
@@ -3245,13 +3275,14 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             elif kind == "setup failed":
                 self.report_refusal(peer, outcome)
         finally:
+            traffic = _traffic(request) if verbose else ""
             outcome = self._close(request, peer, kind, outcome)
             if verbose:
                 # Without a start line, say whom the failed setup was with.
                 who = "" if started else " (with %s)" % (_host(peer),)
-                self.log("%s%s finished (%s) in %.3fs."
+                self.log("%s%s finished (%s) in %.3fs%s."
                          % (threading.current_thread().name, who, outcome,
-                            time.monotonic() - began))
+                            time.monotonic() - began, traffic))
 
     def _close(self, request: socket.socket, peer: _Address, kind: str,
                outcome: str) -> str:

@@ -1675,8 +1675,25 @@ class TestErrors(ServerTestCase):
                 self.assertEqual(lines[1], "[%s] request 1 from 127.0.0.1; tcpserver-1 (of 1) "
                                            "started..." % prefix)
                 self.assertRegex(lines[2],
-                                 r"^\[%s\] tcpserver-1 finished \(ok\) in \d+\.\d{3}s\.$" % prefix)
+                                 r"^\[%s\] tcpserver-1 finished \(ok\) in \d+\.\d{3}s"
+                                 r"(, 0 bytes in, 3 out)?\.$" % prefix)
                 self.assertEqual(len(lines), 3)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"),
+                         "the kernel's byte counts (TCP_INFO) are Linux's")
+    def test_the_finished_line_counts_bytes_in_and_out(self):
+        stderr = self.capture("stderr")
+        server = self.start(lambda: print(input() * 3), debug=True)
+        self.assertEqual(self.talk(server, b"abcd\n"), b"abcdabcdabcd\n")
+        legacy = self.serve(tcpserver.ThreadingTCPServer(("127.0.0.1", 0), EchoHandler),
+                            debug=True)
+        self.assertEqual(self.talk(legacy, b"abcd\n" * 1000), b"5:abcd\n" * 1000)
+        self.stop(server)
+        self.stop(legacy)
+        log = stderr.getvalue()
+        self.assertRegex(log, r"tcpserver-1 finished \(ok\) in [0-9.]+s, 5 bytes in, 13 out\.")
+        self.assertRegex(log, r"tcpserver-1 finished \(ok\) in [0-9.]+s, 5000 bytes in, "
+                              r"7000 out\.")
 
     def test_debug_warning_is_not_printed_twice(self):
         stderr = self.capture("stderr")
