@@ -22,7 +22,7 @@ The file reads top to bottom:
 - the exceptions a thunk may meet: IdleTimeout, LineTooLong (and
   ProxyHeaderError, which only the server meets);
 - hooks: tcp_listen(), systemd_listeners(), tcp_accept(), tcp_addresses(),
-  tcp_abandon(); the PROXY protocol's read_proxy_header();
+  tcp_abandon(), and tls_details(); the PROXY protocol's read_proxy_header();
 - per-thread standard streams and current_connection();
 - the handler adapter, ThunkHandler;
 - the server's settings (one table, checked in one place) and its
@@ -69,6 +69,7 @@ __all__ = [
     "make_tcp_server",
     "read_proxy_header",
     "systemd_listeners",
+    "tls_details",
     "tcp_abandon",
     "tcp_accept",
     "tcp_addresses",
@@ -422,6 +423,52 @@ def tcp_abandon(conn: socket.socket) -> None:
     """
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                     struct.pack("ii", 1, 0))
+
+
+def tls_details(conn: socket.socket) -> Optional[Dict[str, Any]]:
+    """Return what the TLS handshake of conn settled, or None if it is plain.
+
+    For a connection the server has served the handshake of: in a handler
+    (a thunk's is current_connection().tls), or in get_addresses().  Keys:
+
+    - "version": "TLSv1.3", say; "cipher": its name; "bits": its secret
+      bits;
+    - "server_name": the name the client asked for (SNI), or None; known
+      where the server's ssl_context served the handshake;
+    - "peer_certificate": the client's certificate as ssl's getpeercert()
+      gives it, {} if it sent none or the context did not verify it;
+    - "peer_certificate_der": its bytes, None if it sent none;
+    - "session_id": the TLS session's id in hex, or None.
+    """
+    if not _is_tls(conn):
+        return None
+    tls: Any = conn  # an ssl.SSLSocket
+    name, version, bits = tls.cipher() or (None, tls.version(), None)
+    session = tls.session
+    return {"version": version, "cipher": name, "bits": bits,
+            "server_name": getattr(tls, "_tcpserver_server_name", None),
+            "peer_certificate": tls.getpeercert() or {},
+            "peer_certificate_der": tls.getpeercert(True),
+            "session_id": session.id.hex() if session is not None else None}
+
+
+class _ServerNames:
+    """An ssl.SSLContext's sni_callback that notes on each connection the
+    name its client asked for (tls_details()' "server_name"), then calls
+    the callback the context had, if any, as it would have been called."""
+
+    def __init__(self, inner: Optional[Callable[..., Any]]) -> None:
+        self.inner = inner
+
+    def __call__(self, conn: Any, name: Optional[str], context: Any) -> Any:
+        conn._tcpserver_server_name = name
+        return None if self.inner is None else self.inner(conn, name, context)
+
+
+def _note_server_names(context: Any) -> None:
+    """Have context note the names clients ask for (see _ServerNames)."""
+    if not isinstance(context.sni_callback, _ServerNames):
+        context.sni_callback = _ServerNames(context.sni_callback)
 
 
 # ---------------------------------------------------------------------------
@@ -1472,6 +1519,12 @@ class ThunkHandler(socketserver.StreamRequestHandler):
             rfile.line_timeout = _wait_time(self.server.line_timeout)
             self._rfile = rfile
         return self._rfile
+
+    @property
+    def tls(self) -> Optional[Dict[str, Any]]:
+        """What the connection's TLS handshake settled (tls_details()), or
+        None for a plain connection."""
+        return tls_details(self.connection)
 
     @property
     def stdin(self) -> "_TextStdin":
@@ -2874,6 +2927,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             _check_handler(handler)
         self._setup.trusted = _networks("trusted_proxies",
                                         self.trusted_proxies)
+        if self.ssl_context is not None:
+            _note_server_names(self.ssl_context)
 
     @classmethod
     def from_listener(cls: Type[_Server], listener: socket.socket,
@@ -4206,6 +4261,7 @@ class _ProgramHandler(_CommandConnection):
         for name in ("TCPLOCALHOST", "TCPREMOTEHOST", "TCPREMOTEINFO"):
             environment.pop(name, None)  # not inherited from our own caller
         environment.update(variables)
+        environment.update(_tls_environment(tls_details(self.request)))
         piped = server.ssl_context is not None or server.idle_timeout is not None
         if piped:
             stream: Any = subprocess.PIPE
@@ -4242,6 +4298,44 @@ class _ProgramHandler(_CommandConnection):
         finally:
             child.stdin.close()
             child.stdout.close()
+
+
+# The short names of a distinguished name's fields, as OpenSSL prints them.
+_DN_FIELDS = {"countryName": "C", "stateOrProvinceName": "ST",
+              "localityName": "L", "organizationName": "O",
+              "organizationalUnitName": "OU", "commonName": "CN"}
+
+
+def _tls_environment(details: Optional[Dict[str, Any]]) -> Dict[str, str]:
+    """Return the SSL_* variables that ucspi-ssl's sslserver -s (after
+    mod_ssl) gives a PROGRAM, for a TLS connection's tls_details(); {} for
+    a plain one.  A field the handshake did not settle is left out."""
+    if details is None:
+        return {}
+    variables = {"SSL_PROTOCOL": details["version"],
+                 "SSL_CIPHER": details["cipher"],
+                 "SSL_CIPHER_USEKEYSIZE": details["bits"],
+                 "SSL_CIPHER_ALGKEYSIZE": details["bits"],
+                 "SSL_SESSION_ID": details["session_id"],
+                 "SSL_TLS_SNI": details["server_name"]}
+    certificate = details["peer_certificate"]
+    for prefix, key in (("SSL_CLIENT_S_DN", "subject"), ("SSL_CLIENT_I_DN", "issuer")):
+        fields = [(_DN_FIELDS.get(name, name), value)
+                  for entry in certificate.get(key, ()) for name, value in entry]
+        if fields:
+            variables[prefix] = "".join("/%s=%s" % field for field in fields)
+            for name, value in fields:
+                variables.setdefault("%s_%s" % (prefix, name), value)
+    variables.update({"SSL_CLIENT_M_SERIAL": certificate.get("serialNumber"),
+                      "SSL_CLIENT_M_VERSION": certificate.get("version"),
+                      "SSL_CLIENT_V_START": certificate.get("notBefore"),
+                      "SSL_CLIENT_V_END": certificate.get("notAfter")})
+    if details["peer_certificate_der"]:
+        import ssl  # imported already: the connection is TLS
+        variables["SSL_CLIENT_CERT"] = ssl.DER_cert_to_PEM_cert(
+            details["peer_certificate_der"])
+    return {name: str(value) for name, value in variables.items()
+            if value is not None}
 
 
 def _signal_group(group: int, signum: int) -> bool:

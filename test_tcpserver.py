@@ -1974,6 +1974,26 @@ class TestTLS(ServerTestCase):
         self.stop(server)
         self.assertEqual(server.stats()["failed"], 1)
 
+    def test_tls_details_for_a_thunk(self):
+        def thunk():
+            tls = tcpserver.current_connection().tls
+            print(tls["version"], tls["server_name"], bool(tls["cipher"]), tls["bits"] > 0,
+                  dict(field[0] for field in tls["peer_certificate"]["subject"]),
+                  hashlib.sha256(tls["peer_certificate_der"]).hexdigest(),
+                  tls == tcpserver.tls_details(tcpserver.current_connection().connection))
+
+        server = self.start_tls(thunk, self.server_context(client_certificates=True))
+        with self.tls_connect(server, certificate=True) as sock:
+            reply = read_all(sock).decode()
+            expected = hashlib.sha256(sock.getpeercert(True)).hexdigest()  # the server's
+        with open(self.client_cert) as pem:
+            client = hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.read())).hexdigest()
+        self.assertNotEqual(client, expected)
+        self.assertRegex(reply, r"^TLSv1\.[23] localhost True True {'commonName': 'client'} "
+                                + client + r" True\n$")
+        plain = self.start(lambda: print(tcpserver.current_connection().tls))
+        self.assertEqual(self.talk(plain), b"None\n")
+
     def test_a_tls_client_that_stops_reading_is_cut_off(self):
         ended = threading.Event()
         self.log_to(lambda record: "finished (timed out" in record.getMessage() and ended.set())
@@ -4710,6 +4730,35 @@ class TestCommandLine(unittest.TestCase):
         context.load_cert_chain(client_cert, client_key)
         with context.wrap_socket(server.connect(), server_hostname="localhost") as sock:
             self.assertEqual(read_all(sock), b"in\n")
+        self.assertEqual(server.stop()[0], 0)
+
+    @unittest.skipUnless(shutil.which("openssl"),
+                         "openssl is not installed (apt-get install openssl)")
+    def test_tls_environment_with_openssl_s_client(self):
+        made = certificates()
+        shown = ("SSL_PROTOCOL SSL_CIPHER SSL_CLIENT_S_DN SSL_CLIENT_S_DN_CN SSL_CLIENT_I_DN "
+                 "SSL_CLIENT_M_SERIAL SSL_CLIENT_V_END SSL_TLS_SNI").split()
+        server = CommandLine(self, ["-1", "--tls-cert", made.cert, "--tls-key", made.key,
+                                    "--tls-ca", made.client_cert, "127.0.0.1", "0", "sh", "-c",
+                                    "".join('echo "$%s";' % name for name in shown)
+                                    + 'echo "$SSL_CLIENT_CERT" | openssl x509 -noout -serial'])
+        client = subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % server.port,
+                                 "-servername", "localhost", "-cert", made.client_cert,
+                                 "-key", made.client_key, "-quiet"],
+                                stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT)
+        values = dict(zip(shown + ["PEM"], client.stdout.decode().splitlines()))
+        serial = subprocess.run(["openssl", "x509", "-in", made.client_cert, "-noout", "-serial"],
+                                capture_output=True, timeout=TIMEOUT).stdout.decode().strip()
+        end = subprocess.run(["openssl", "x509", "-in", made.client_cert, "-noout", "-enddate"],
+                             capture_output=True, timeout=TIMEOUT).stdout.decode().strip()
+        self.assertRegex(values["SSL_PROTOCOL"], r"^TLSv1\.[23]$")
+        self.assertTrue(values["SSL_CIPHER"])
+        self.assertEqual((values["SSL_CLIENT_S_DN"], values["SSL_CLIENT_S_DN_CN"],
+                          values["SSL_CLIENT_I_DN"], values["SSL_TLS_SNI"]),
+                         ("/CN=client", "client", "/CN=client", "localhost"))
+        self.assertEqual("serial=" + values["SSL_CLIENT_M_SERIAL"], serial)
+        self.assertEqual("notAfter=" + values["SSL_CLIENT_V_END"], end)
+        self.assertEqual(values["PEM"], serial)  # the whole certificate came
         self.assertEqual(server.stop()[0], 0)
 
     def test_proxy_protocol(self):
