@@ -64,12 +64,15 @@ __all__ = [
     "LineTooLong",
     "ProxyHeaderError",
     "ThreadingTCPServer",
+    "ThreadingUnixStreamServer",
     "ThunkHandler",
     "current_connection",
     "make_tcp_server",
+    "peer_credentials",
     "read_proxy_header",
     "systemd_listeners",
     "tls_details",
+    "unix_listen",
     "tcp_abandon",
     "tcp_accept",
     "tcp_addresses",
@@ -90,6 +93,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import stat
 import struct
 import subprocess
 import sys
@@ -304,6 +308,74 @@ def tcp_listen(port: int, backlog: int = DEFAULT_BACKLOG,
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                 flags=socket.AI_PASSIVE)[0][0]
     return socket.create_server((host, port), family=family, backlog=backlog)
+
+
+def unix_listen(path: Union[str, "os.PathLike[str]"],
+                backlog: int = DEFAULT_BACKLOG) -> socket.socket:
+    """Return a Unix-domain stream socket bound to path and listening.
+
+    The socket file is made with the process's umask, so its permissions
+    say who may connect (``umask 007`` before: the owner and the group).
+    A socket file there that nobody accepts on any more (a server that is
+    gone) is replaced; any other file there, or a live server's socket,
+    raises OSError (EADDRINUSE).  The caller owns the socket and the file;
+    make_tcp_server(path) makes both, and removes the file on close.
+    Raises TypeError or ValueError for bad arguments.
+    """
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise ValueError("path must be a non-empty str, not %r" % (path,))
+    _check_int("backlog", backlog, 0, sys.maxsize, "an int >= 0")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or not _stale_socket(path):
+                raise
+            os.unlink(path)
+            sock.bind(path)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _stale_socket(path: str) -> bool:
+    """Is path a socket file that nobody accepts on?"""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def peer_credentials(conn: socket.socket) -> Optional[Tuple[int, int, int]]:
+    """Return (pid, uid, gid) of the process at the other end of a
+    Unix-domain connection, as the kernel saw them when it connected, or
+    None where the system does not say (SO_PEERCRED: Linux) or conn is
+    not a Unix-domain socket."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None or conn.family != getattr(socket, "AF_UNIX", None):
+        return None
+    try:
+        pid, uid, gid = struct.unpack(
+            "3i", conn.getsockopt(socket.SOL_SOCKET, option,
+                                  struct.calcsize("3i")))
+    except OSError:
+        return None  # gone already
+    return pid, uid, gid
+
+
+def _is_unix(sock: socket.socket) -> bool:
+    """Is sock a Unix-domain socket?  (Windows has no AF_UNIX in Python.)"""
+    return sock.family == getattr(socket, "AF_UNIX", None)
 
 
 def systemd_listeners() -> List[socket.socket]:
@@ -1484,7 +1556,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         if timeout is not None:
             self.connection.settimeout(timeout)
             _writes_show_progress(self.connection)
-        if self.disable_nagle_algorithm:
+        if self.disable_nagle_algorithm and not _is_unix(self.connection):
             self.connection.setsockopt(socket.IPPROTO_TCP,
                                        socket.TCP_NODELAY, True)
         self._timeout = self.connection.gettimeout()
@@ -2455,8 +2527,7 @@ class _ConnectionSetup:
         local_address() from now on.  Called in the connection's thread.
         """
         server, slots = self.server, self.server._slots
-        if not (server.proxy_protocol
-                and self.is_trusted(request.getpeername())):
+        if not (server.proxy_protocol and self.is_trusted(request)):
             return None
         header = read_proxy_header(request, server.handshake_timeout)
         request.settimeout(None)
@@ -2492,8 +2563,13 @@ class _ConnectionSetup:
                 opened.local = local
         return local, peer
 
-    def is_trusted(self, peer: _Address) -> bool:
-        """Is peer (the balancer's address) allowed to send a PROXY header?"""
+    def is_trusted(self, request: socket.socket) -> bool:
+        """Is the peer of request (a balancer) allowed to send a PROXY
+        header?  One on this machine, through a Unix-domain socket, is: the
+        socket file's permissions say who may connect."""
+        if _is_unix(request):
+            return True
+        peer = request.getpeername()
         address = ipaddress.ip_address(_plain_address(peer)[0].split("%")[0])
         return any(address in network for network in self.trusted)
 
@@ -2763,6 +2839,16 @@ def _traffic(conn: socket.socket) -> str:
 
 
 
+def _client(request: socket.socket, address: _Address) -> str:
+    """Return who the client of request is, for max_per_client and the
+    diagnostics: its host; over a Unix-domain socket, its user ("uid
+    1000"), where the system says (peer_credentials()), else "local"."""
+    if not _is_unix(request):
+        return _host(address)
+    credentials = peer_credentials(request)
+    return "local" if credentials is None else "uid %d" % credentials[1]
+
+
 def _host(address: _Address) -> str:
     """Return the host part of an address for a diagnostic line."""
     if isinstance(address, tuple) and address:
@@ -2874,6 +2960,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     _request_threads: _RequestThreads
     _setup: "_ConnectionSetup"
     _loop: "_AcceptLoop"
+    _owned_path: Optional[Tuple[str, int]]  # see own_path()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "ThreadingTCPServer":
         """Create the per-server state, whichever __init__ runs.
@@ -2886,6 +2973,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._request_threads = _RequestThreads(self)
         self._setup = _ConnectionSetup(self)
         self._loop = _AcceptLoop(self)
+        self._owned_path = None
         return self
 
     def __init__(self, server_address: _Address, RequestHandlerClass: Any,
@@ -2933,23 +3021,25 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     @classmethod
     def from_listener(cls: Type[_Server], listener: socket.socket,
                       RequestHandlerClass: Any, **kwargs: Any) -> _Server:
-        """Return a server that accepts on an existing listening TCP socket.
+        """Return a server that accepts on an existing listening socket.
 
-        For sockets from tcp_listen(), socket.create_server() or a parent
-        process.  The server owns the socket from now on: server_close()
-        closes it.  Keyword arguments are those of the constructor.  As the
-        socket is bound already, server_bind() is not called: a class that
-        does more there (HTTPServer sets server_name and server_port) must
-        be given that by hand.  Raises TypeError or ValueError if listener
-        is not a listening TCP socket.
+        A TCP or Unix-domain stream socket, from tcp_listen(),
+        unix_listen(), socket.create_server() or a parent process.  The
+        server owns the socket from now on: server_close() closes it.
+        Keyword arguments are those of the constructor.  As the socket is
+        bound already, server_bind() is not called: a class that does more
+        there (HTTPServer sets server_name and server_port) must be given
+        that by hand.  Raises TypeError or ValueError if listener is not a
+        listening stream socket.
         """
         if not isinstance(listener, socket.socket):
             raise TypeError("listener must be a socket, not %s"
                             % type(listener).__name__)
-        if (listener.family not in (socket.AF_INET, socket.AF_INET6)
+        if ((listener.family not in (socket.AF_INET, socket.AF_INET6)
+             and not _is_unix(listener))
                 or listener.type != socket.SOCK_STREAM):
-            raise ValueError("listener must be a TCP socket "
-                             "(AF_INET or AF_INET6, SOCK_STREAM), not %r"
+            raise ValueError("listener must be a stream socket (AF_INET, "
+                             "AF_INET6 or AF_UNIX, SOCK_STREAM), not %r"
                              % (listener,))
         if (hasattr(socket, "SO_ACCEPTCONN") and not listener.getsockopt(
                 socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
@@ -3253,7 +3343,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         own thread, renamed so.  (If no thread can start to take the lead,
         the lead falls vacant until a thread is free.)
         """
-        host = None if self.proxy_protocol else _host(client_address)
+        host = None if self.proxy_protocol else _client(request, client_address)
         slots = self._slots
         leading = _bound.leading
         with slots.lock:
@@ -3386,8 +3476,9 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
                 opened = self._slots.open.get(request)
                 active = len(self._slots.open)
             self.log("request %d from %s; %s (of %d) started..."
-                     % (0 if opened is None else opened.number, _host(peer),
-                        threading.current_thread().name, active))
+                     % (0 if opened is None else opened.number,
+                        _client(request, peer), threading.current_thread().name,
+                        active))
         self.finish_request(request, peer)
 
     def _failure_kind(self, request: socket.socket, exc: BaseException,
@@ -3520,14 +3611,67 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         """
         self._loop.request_end()  # serve_forever() still running: misuse
         super().server_close()
+        self._remove_owned_path()
         self._request_threads.drain(self.block_on_close)
+
+    def own_path(self, path: str) -> None:
+        """Have server_close() remove the Unix-domain socket file at path,
+        which this server made, unless something else has replaced it
+        meanwhile.  Called by make_tcp_server() and
+        ThreadingUnixStreamServer.server_bind()."""
+        self._owned_path = (path, os.stat(path).st_ino)
+
+    def _remove_owned_path(self) -> None:
+        owned, self._owned_path = self._owned_path, None
+        if owned is None:
+            return
+        path, inode = owned
+        try:
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass  # removed already
+
+
+if sys.platform != "win32":
+    class ThreadingUnixStreamServer(ThreadingTCPServer,
+                                    socketserver.ThreadingUnixStreamServer):
+        """socketserver.ThreadingUnixStreamServer with ThreadingTCPServer's
+        limit, settings, diagnostics and drain: a drop-in, for local
+        services behind nginx or HAProxy, with the socket file's
+        permissions (the umask) as access control.
+
+        server_address is the socket file's path.  server_bind() makes the
+        file, replacing one that a server that is gone left there, and
+        server_close() removes it, unless something else replaced it
+        meanwhile.  max_per_client counts the connections of one user
+        (uid, by peer_credentials()), where the system says who it is.
+        client_address is what accept() gives, as in socketserver: the
+        empty string for most clients.
+        """
+
+        def server_bind(self) -> None:
+            """Make the socket file at server_address, and own it."""
+            path = self.server_address
+            if isinstance(path, str) and path and _stale_socket(path):
+                os.unlink(path)
+            super().server_bind()
+            if isinstance(path, str) and path:
+                self.own_path(path)
+else:  # Windows: Python has no Unix-domain sockets there
+    class ThreadingUnixStreamServer(ThreadingTCPServer):
+        """What needs Unix-domain sockets, which this system lacks."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise NotImplementedError("Unix-domain sockets: this system "
+                                      "lacks them")
 
 
 # ---------------------------------------------------------------------------
 # The factory: the egg's make-tcp-server.
 # ---------------------------------------------------------------------------
 
-_Listener = Union[socket.socket, int, Tuple[str, int]]
+_Listener = Union[socket.socket, int, Tuple[str, int], str, "os.PathLike[str]"]
 
 
 def make_tcp_server(listener: _Listener, thunk: _Thunk,
@@ -3535,21 +3679,25 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
                     **settings: Any) -> ThreadingTCPServer:
     """Return a server that runs thunk for every connection: the egg's make-tcp-server.
 
-    listener is a listening socket (from tcp_listen(),
+    listener is a listening socket (from tcp_listen(), unix_listen(),
     socket.create_server() or a parent process), a port number (all
-    interfaces, as tcp_listen(port)) or a (host, port) tuple.  The server
-    owns the socket.  At most max_requests thunks run at once (None: no
-    limit).  The other settings are keyword-only, those of
-    ThreadingTCPServer's constructor: max_per_client, timeout (idle, per
-    connection), drain_timeout, max_line, ssl_context (serve TLS),
-    proxy_protocol and trusted_proxies (read the client's address from a
-    balancer), and the rest its docstring lists.  Call the server to
-    serve: ``server(debug=False)``; stop it with server.shutdown() from
-    another thread and release it with server_close() (or a with block).
+    interfaces, as tcp_listen(port)), a (host, port) tuple, or the path of
+    a Unix-domain socket to make (a str with a "/" in it, such as
+    "./app.sock", or an os.PathLike: unix_listen(path), its file removed
+    again by server_close()).  The server owns the socket.  At most
+    max_requests thunks run at once (None: no limit).  The other settings are
+    keyword-only, those of ThreadingTCPServer's constructor: max_per_client,
+    timeout (idle, per connection), drain_timeout, max_line, ssl_context
+    (serve TLS), proxy_protocol and trusted_proxies (read the client's
+    address from a balancer), and the rest its docstring lists.  Call the
+    server to serve: ``server(debug=False)``; stop it with server.shutdown()
+    from another thread and release it with server_close() (or a with
+    block).
 
     Raises TypeError or ValueError for bad arguments, OSError if a port
-    cannot be bound.
+    or path cannot be bound.
     """
+    path = None
     if isinstance(listener, socket.socket):
         sock = listener
     elif isinstance(listener, int) and not isinstance(listener, bool):
@@ -3557,17 +3705,28 @@ def make_tcp_server(listener: _Listener, thunk: _Thunk,
     elif (isinstance(listener, tuple) and len(listener) == 2
           and isinstance(listener[0], str)):
         sock = tcp_listen(listener[1], host=listener[0])
+    elif isinstance(listener, os.PathLike) or (isinstance(listener, str)
+                                               and "/" in listener):
+        path = os.fspath(listener)
+        sock = unix_listen(path)
     else:
-        raise TypeError("listener must be a listening socket, a port number "
-                        "or a (host, port) tuple, not %r" % (listener,))
+        raise TypeError("listener must be a listening socket, a port number, "
+                        "a (host, port) tuple or the path of a Unix-domain "
+                        "socket (with a '/' in it: './app.sock'), not %r"
+                        % (listener,))
     try:
-        return ThreadingTCPServer.from_listener(
+        server = ThreadingTCPServer.from_listener(
             sock, ThunkHandler, thunk=thunk, max_requests=max_requests,
             **settings)
     except BaseException:
         if sock is not listener:
             sock.close()  # ours: a bad setting must not leak it
+            if path is not None:
+                os.unlink(path)
         raise
+    if path is not None:
+        server.own_path(path)
+    return server
 
 
 # ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import stat
 import struct
 import subprocess
 import sys
@@ -1474,8 +1475,8 @@ class TestLimit(ServerTestCase):
             ((("127.0.0.1", 0), thunk, True), TypeError, "not bool"),
             ((("127.0.0.1", 0), "thunk"), TypeError, "thunk must be callable, not str"),
             (("6504", thunk), TypeError,
-             "listener must be a listening socket, a port number or a (host, port) tuple, "
-             "not '6504'"),
+             "listener must be a listening socket, a port number, a (host, port) tuple or "
+             "the path of a Unix-domain socket (with a '/' in it: './app.sock'), not '6504'"),
             ((6504.0, thunk), TypeError, "not 6504.0"),
             ((("127.0.0.1",), thunk), TypeError, "not ('127.0.0.1',)"),
         ]
@@ -1487,7 +1488,7 @@ class TestLimit(ServerTestCase):
 
     def test_bad_listener_sockets(self):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            with self.assertRaisesRegex(ValueError, "listener must be a TCP socket"):
+            with self.assertRaisesRegex(ValueError, "listener must be a stream socket"):
                 tcpserver.make_tcp_server(udp, print)
         with socket.socket() as unbound:
             with self.assertRaisesRegex(ValueError, "listener must be listening"):
@@ -3460,6 +3461,123 @@ class TestSoakAndFaults(ServerTestCase):
         self.assertEqual(reply, b"%d\n" % chunks)
 
 
+@unittest.skipUnless(hasattr(socket, "AF_UNIX"), "no Unix-domain sockets here")
+class TestUnix(ServerTestCase):
+    """Servers on Unix-domain sockets: a path for a listener."""
+
+    def setUp(self):
+        super().setUp()
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = os.path.join(directory, "server.sock")
+
+    def unix_connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(sock.close)
+        sock.settimeout(TIMEOUT)
+        sock.connect(self.path)
+        return sock
+
+    def test_a_path_serves_thunks_and_is_removed_on_close(self):
+        def thunk():
+            me = tcpserver.current_connection()
+            print(me.local_address, repr(me.client_address), input())
+
+        stderr = self.capture("stderr")
+        server = self.serve(tcpserver.make_tcp_server(self.path, thunk, max_requests=2,
+                                                      timeout=TIMEOUT), debug=True)
+        self.assertEqual(server.server_address, self.path)
+        self.assertTrue(stat.S_ISSOCK(os.stat(self.path).st_mode))
+        self.assertEqual(exchange(self.unix_connect(), b"hi\n"),
+                         ("%s '' hi\n" % self.path).encode())
+        self.stop(server)
+        self.assertFalse(os.path.exists(self.path))
+        self.assertIn("request 1 from uid %d;" % os.getuid(), stderr.getvalue())
+        self.assertEqual(server.stats()["completed"], 1)
+
+    def test_peer_credentials_and_the_limit_per_user(self):
+        server = self.serve(tcpserver.make_tcp_server(
+            self.path, lambda: print(tcpserver.peer_credentials(
+                tcpserver.current_connection().connection)), max_per_client=1))
+        first = self.unix_connect()
+        self.assertEqual(first.makefile().readline(),
+                         "%r\n" % ((os.getpid(), os.getuid(), os.getgid()),))
+        with socket.socket() as tcp:
+            self.assertIsNone(tcpserver.peer_credentials(tcp))
+        # The first connection's request has ended with its reply; the
+        # limit counts while one is open: hold one with a thunk that reads.
+        self.stop(server)
+        held = threading.Event()
+        server = self.serve(tcpserver.make_tcp_server(
+            self.path, lambda: (held.set(), input()), max_per_client=1))
+        self.unix_connect()
+        self.assertTrue(held.wait(TIMEOUT))
+        self.assertEqual(exchange(self.unix_connect(), b""), b"")  # refused: same user
+        self.assertEqual(server.stats()["refused"], 1)
+
+    def test_tls_and_timeouts(self):
+        made = certificates()
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(made.cert, made.key)
+        server = self.serve(tcpserver.make_tcp_server(
+            self.path, lambda: print(input()), ssl_context=context, timeout=0.2,
+            handshake_timeout=0.2))
+        client = ssl.create_default_context(cafile=made.cert)
+        with client.wrap_socket(self.unix_connect(), server_hostname="localhost") as sock:
+            sock.sendall(b"over TLS\n")
+            self.assertEqual(sock.makefile("rb").readline(), b"over TLS\n")
+        # A silent client, after its handshake, then before it: each is
+        # closed after 0.2 s (Unix-domain sockets know no reset: an EOF).
+        with client.wrap_socket(self.unix_connect(), server_hostname="localhost") as sock:
+            self.assertEqual(read_all(sock), b"")
+        self.assertEqual(read_all(self.unix_connect()), b"")
+        self.stop(server)
+        stats = server.stats()
+        self.assertEqual((stats["completed"], stats["failed"]), (1, 2), stats)
+
+    def test_the_socket_file_is_checked_and_a_stale_one_replaced(self):
+        with open(self.path, "w"):
+            pass  # a file that is not a socket
+        with self.assertRaises(OSError):
+            tcpserver.unix_listen(self.path)
+        os.unlink(self.path)
+        stale = tcpserver.unix_listen(self.path)
+        stale.close()  # its file stays, and nobody accepts on it
+        live = tcpserver.unix_listen(self.path)
+        with live, self.assertRaises(OSError):  # a live server's file: in use
+            tcpserver.unix_listen(self.path)
+        with self.assertRaises(ValueError):
+            tcpserver.unix_listen("")
+
+    def test_a_socket_of_ones_own_keeps_its_file(self):
+        listener = tcpserver.unix_listen(self.path)
+        server = self.serve(tcpserver.make_tcp_server(listener, lambda: print("hi")))
+        self.assertEqual(exchange(self.unix_connect(), b""), b"hi\n")
+        self.stop(server)
+        self.assertTrue(os.path.exists(self.path))  # made by us: ours to remove
+
+    def test_threading_unix_stream_server_as_socketservers(self):
+        server = self.serve(tcpserver.ThreadingUnixStreamServer(self.path, EchoHandler,
+                                                                max_requests=4))
+        self.assertIsInstance(server, socketserver.UnixStreamServer)
+        self.assertEqual(exchange(self.unix_connect(), b"one\n"), b"4:one\n")
+        self.stop(server)
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_proxy_header_from_a_local_balancer(self):
+        def thunk():
+            me = tcpserver.current_connection()
+            print(me.client_address, me.local_address)
+
+        server = self.serve(tcpserver.make_tcp_server(self.path, thunk, proxy_protocol=True))
+        self.assertEqual(exchange(self.unix_connect(),
+                                  b"PROXY TCP4 192.0.2.9 192.0.2.1 4000 80\r\n"),
+                         b"('192.0.2.9', 4000) ('192.0.2.1', 80)\n")
+        self.assertEqual(exchange(self.unix_connect(), b"no header\n"), b"")
+        self.stop(server)
+        self.assertEqual(server.stats()["failed"], 1)
+
+
 # ---------------------------------------------------------------------------
 # Legacy socketserver code and the stdlib servers built on it
 # ---------------------------------------------------------------------------
@@ -5195,7 +5313,7 @@ class TestSocketActivation(unittest.TestCase):
     def test_inherit_a_socket_that_cannot_serve(self):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as datagram, \
                 socket.socket() as unlistened:
-            for sock, message in ((datagram, "must be a TCP socket"),
+            for sock, message in ((datagram, "must be a stream socket"),
                                   (unlistened, "must be listening")):
                 code = ("import os, sys; os.dup2(%d, 3); os.environ['LISTEN_PID'] = "
                         "str(os.getpid()); import tcpserver; sys.exit(tcpserver.main("

@@ -96,7 +96,8 @@ MADE = []
 
 
 def swap(suite):
-    """Put the suite's servers on tcpserver.ThreadingTCPServer.
+    """Put the suite's servers on tcpserver.ThreadingTCPServer (and
+    ThreadingUnixStreamServer on tcpserver's).
 
     Done before the test module is imported: test_httpservers and
     test_docxmlrpc take the classes by name at import time.
@@ -116,7 +117,14 @@ def swap(suite):
         socketserver.ThreadingTCPServer = type("ThreadingTCPServer", (ours,), {
             "__module__": "socketserver", "__new__": counted,
             "__qualname__": "ThreadingTCPServer(tcpserver.ThreadingTCPServer)"})
-        return "socketserver." + socketserver.ThreadingTCPServer.__qualname__
+        socketserver.ThreadingUnixStreamServer = type(
+            "ThreadingUnixStreamServer", (tcpserver.ThreadingUnixStreamServer,), {
+                "__module__": "socketserver", "__new__": counted,
+                "__qualname__": "ThreadingUnixStreamServer"
+                                "(tcpserver.ThreadingUnixStreamServer)"})
+        return "socketserver.%s and %s" % (
+            socketserver.ThreadingTCPServer.__qualname__,
+            socketserver.ThreadingUnixStreamServer.__qualname__)
     import http.server
     import xmlrpc.server
     # As the README combines them: ours first for HTTPServer; for
