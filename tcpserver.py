@@ -2751,6 +2751,8 @@ class _WorkerProcesses:
             return pid
         code = 1
         try:
+            # The socket file is the supervisor's to remove, at its end.
+            self.server._owned_path = None
             # The worker takes the signals as this process did before it
             # began to supervise (a SIGHUP ignored stays ignored), while
             # they are blocked still.
@@ -3749,6 +3751,7 @@ _PUMP_WAIT = 3600.0    # seconds one wait of the pump takes at most: poll()
 
 _USAGE = ("usage: python -m tcpserver [options] HOST PORT PROGRAM [ARG ...]\n"
           "       python -m tcpserver [options] HOST PORT --call FILE.py:FUNCTION\n"
+          "       python -m tcpserver [options] --unix PATH PROGRAM [ARG ...]\n"
           "       python -m tcpserver [options] --inherit PROGRAM [ARG ...]")
 
 _HELP = _USAGE + """
@@ -3803,6 +3806,10 @@ options of our own:
                           (default 127.0.0.0/8,::1/128)
   --inherit               serve the socket systemd passes (socket
                           activation); HOST and PORT are then left out
+  --unix PATH             serve on a Unix-domain socket at PATH instead of
+                          HOST PORT, as ucspi-unix's unixserver: PROGRAM gets
+                          PROTO=UNIX, UNIXLOCALPATH, UNIXREMOTEEUID, ...; the
+                          file is made with the umask and removed at exit
   -w N                    serve in N worker processes sharing the port,
                           each with its own -c limit; dead ones restarted
   --help                  this text
@@ -3886,6 +3893,7 @@ class _Options:
     proxy_protocol = False
     trusted_proxies: Any = ThreadingTCPServer.trusted_proxies
     inherit = False
+    unix: Optional[str] = None  # --unix PATH
     workers = 1
     help = False
     host = ""
@@ -3920,7 +3928,7 @@ def _parse_command_line(argv: List[str]) -> _Options:
             argv, "c:b:vqQB:1dDhHpPl:rRt:oOx:Xu:g:Uw:",
             ["call=", "per-client=", "timeout=", "drain=", "tls-cert=",
              "tls-key=", "tls-ca=", "proxy-protocol", "trusted-proxies=",
-             "inherit", "help"])
+             "inherit", "unix=", "help"])
         if len(rest) >= 4 and rest[2] == "--call":  # HOST PORT --call M:F
             pairs.append(("--call", rest[3]))
             extra = rest[4:]
@@ -3936,7 +3944,9 @@ def _parse_command_line(argv: List[str]) -> _Options:
         _apply_option(options, option, value)
     if options.help:
         return options
-    if options.inherit:  # the listening socket comes from systemd
+    if options.inherit and options.unix:
+        raise _UsageError("--inherit and --unix go separately")
+    if options.inherit or options.unix:  # no HOST PORT
         options.program = rest
     elif len(rest) < 2:
         raise _UsageError("HOST and PORT are needed")
@@ -3950,6 +3960,8 @@ def _parse_command_line(argv: List[str]) -> _Options:
         raise _UsageError("--tls-cert and --tls-key go together")
     if options.tls_ca and not options.tls_cert:
         raise _UsageError("--tls-ca needs --tls-cert and --tls-key")
+    if options.unix and (options.rules or options.proxy_protocol):
+        raise _UsageError("-x and --proxy-protocol need TCP, not --unix")
     if not _POSIX_COMMAND:
         _check_posix_options(options)
     return options
@@ -3958,6 +3970,7 @@ def _parse_command_line(argv: List[str]) -> _Options:
 def _check_posix_options(options: _Options) -> None:
     """Raise _UsageError for what only a POSIX system can do (Windows)."""
     for used, what in ((options.program, "PROGRAM needs"),
+                       (options.unix, "--unix needs"),
                        (options.workers > 1, "-w needs"),
                        (options.uid or options.gid, "-u, -g and -U need")):
         if used:
@@ -3989,7 +4002,7 @@ _NUMBERS: Dict[str, Tuple[Optional[str], float, float, Callable[[str], Any]]] = 
     "--drain": ("drain", 0.0, _YEAR, float),  # --drain 0: no drain
     "-t": (None, 0, sys.maxsize, int),
 }
-_TEXTS = {"-l": "local_host", "-x": "rules", "--call": "call",
+_TEXTS = {"-l": "local_host", "-x": "rules", "--call": "call", "--unix": "unix",
           "--tls-cert": "tls_cert", "--tls-key": "tls_key",
           "--tls-ca": "tls_ca"}
 
@@ -4174,7 +4187,7 @@ class _CommandServer(ThreadingTCPServer):
         self._left: Set[int] = set()
         # What verify_request() decided for each connection, for its handler:
         # PROGRAM's environment and the fields of the "ok" line.
-        self._admitted: Dict[socket.socket, Tuple[Dict[str, str], str]] = {}
+        self._admitted: Dict[socket.socket, Tuple[Dict[str, str], Optional[str]]] = {}
         super().__init__(*args, **kwargs)
 
     def say(self, line: str) -> None:
@@ -4194,8 +4207,9 @@ class _CommandServer(ThreadingTCPServer):
 
     def report_refusal(self, client_address: Tuple[Any, ...], reason: str) -> None:
         """One -v line for a connection the server closed unserved."""
-        self.say("refused :%s::%s (%s)" % (client_address[0], client_address[1],
-                                           reason))
+        who = (":%s::%s" % client_address[:2] if isinstance(client_address, tuple)
+               else "a local client")
+        self.say("refused %s (%s)" % (who, reason))
 
     def begin(self) -> int:
         """Count a connection in (status line); return its serial number."""
@@ -4234,6 +4248,20 @@ class _CommandServer(ThreadingTCPServer):
                   "%s:%s::%s" % (remote_host or "", peer[0], peer[1]))
         return variables, fields[0], fields[1]
 
+    def unix_environment(self, connection: socket.socket) -> Dict[str, str]:
+        """Return a Unix-domain connection's variables, as ucspi-unix's
+        unixserver sets them (but UNIXLOCALPID, PROGRAM's own pid, which is
+        known only once it runs)."""
+        variables = {"PROTO": "UNIX", "UNIXLOCALPATH": str(connection.getsockname()),
+                     "UNIXLOCALUID": str(os.geteuid()),
+                     "UNIXLOCALGID": str(os.getegid())}
+        credentials = peer_credentials(connection)
+        if credentials is not None:
+            for name, value in zip(("UNIXREMOTEPID", "UNIXREMOTEEUID", "UNIXREMOTEEGID"),
+                                   credentials):
+                variables[name] = str(value)
+        return variables
+
     def verify_request(self, request: Any, client_address: Tuple[Any, ...]) -> bool:
         """Decide on a connection in its own thread, before any TLS
         handshake (verify_in_thread): set its socket options, send the
@@ -4241,6 +4269,10 @@ class _CommandServer(ThreadingTCPServer):
         follow the rules (-x).  Remembers its environment for the handler;
         False if the rules deny it (logged as ucspi-tcp does)."""
         self._prepare(request, banner=self.ssl_context is None)
+        if request.family == getattr(socket, "AF_UNIX", None):
+            with self._log_lock:  # no rules, no "ok" line: as unixserver
+                self._admitted[request] = (self.unix_environment(request), None)
+            return True
         local = self.local_address(request) or tcp_addresses(request)[0]
         variables, local_field, remote_field = self.environment(local, client_address)
         granted = self.granted(client_address, variables.get("TCPREMOTEHOST"))
@@ -4269,9 +4301,11 @@ class _CommandServer(ThreadingTCPServer):
                      logging.WARNING)
             return None
 
-    def admitted(self, connection: socket.socket) -> Tuple[Dict[str, str], str]:
+    def admitted(self, connection: socket.socket
+                 ) -> Tuple[Dict[str, str], Optional[str]]:
         """Return what verify_request() decided for a connection about to be
-        served: its environment and the fields of its "ok" line.  Sends a
+        served: its environment and the fields of its "ok" line (None: no
+        such line, for a Unix-domain connection).  Sends a
         TLS connection's banner, now that the handshake is done."""
         with self._log_lock:
             admission = self._admitted.pop(connection)
@@ -4286,15 +4320,21 @@ class _CommandServer(ThreadingTCPServer):
             self._admitted.pop(request, None)
         super().close_request(request)
 
-    def started(self, number: int, peer: Tuple[Any, ...], fields: str) -> None:
-        """Log a PROGRAM's (or a thunk's) start, under its number."""
+    def started(self, number: int, peer: Tuple[Any, ...],
+                fields: Optional[str]) -> None:
+        """Log a PROGRAM's (or a thunk's) start, under its number: over a
+        Unix-domain socket (fields None) as unixserver does, a pid alone."""
+        if fields is None:
+            self.say("pid %d" % number)
+            return
         self.say("pid %d from %s" % (number, peer[0]))
         self.say("ok %d %s" % (number, fields))
 
     def _prepare(self, connection: socket.socket, banner: bool) -> None:
         """Set the connection's socket options; send the banner (-B) if banner."""
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
-                              self.options.nodelay)
+        if connection.family != getattr(socket, "AF_UNIX", None):
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY,
+                                  self.options.nodelay)
         if not self.options.ip_options and connection.family == socket.AF_INET:
             try:
                 connection.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, b"")
@@ -4405,7 +4445,7 @@ class _CommandConnection(socketserver.BaseRequestHandler):
         finally:
             server.end(self.number, self.status)
 
-    def serve(self, variables: Dict[str, str], fields: str) -> None:
+    def serve(self, variables: Dict[str, str], fields: Optional[str]) -> None:
         """Serve an admitted connection; set number and status."""
         raise NotImplementedError
 
@@ -4413,7 +4453,7 @@ class _CommandConnection(socketserver.BaseRequestHandler):
 class _ProgramHandler(_CommandConnection):
     """Runs the command line's PROGRAM for one connection."""
 
-    def serve(self, variables: Dict[str, str], fields: str) -> None:
+    def serve(self, variables: Dict[str, str], fields: Optional[str]) -> None:
         """Run PROGRAM on the connection; note its pid and raw wait status."""
         server = self.server
         environment = dict(os.environ)
@@ -4729,7 +4769,7 @@ class _CallHandler(_CommandConnection, ThunkHandler):
     server: "_CommandServer"  # both bases declare it: say which one wins
     disable_nagle_algorithm = False  # verify_request() set it as -d or -D say
 
-    def serve(self, variables: Dict[str, str], fields: str) -> None:
+    def serve(self, variables: Dict[str, str], fields: Optional[str]) -> None:
         self.server.started(self.number, self.client_address, fields)
         self.status = 1 << 8  # as a PROGRAM that exits 1, if it raises
         ThunkHandler.handle(self)
@@ -4806,7 +4846,14 @@ def _tls_context(options: _Options) -> Any:
 
 
 def _command_listener(options: _Options) -> socket.socket:
-    """Return the listening socket: HOST PORT's, or systemd's (--inherit)."""
+    """Return the listening socket: HOST PORT's, --unix PATH's, or
+    systemd's (--inherit)."""
+    if options.unix:
+        try:
+            return unix_listen(options.unix, options.backlog)
+        except OSError as exc:
+            raise _CommandError("fatal: unable to listen on %s: %s"
+                                % (options.unix, exc)) from None
     if not options.inherit:
         try:
             return tcp_listen(options.port, options.backlog, options.host)
@@ -4855,7 +4902,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return exc.code
 
     def ready() -> None:
-        if options.print_port:
+        if options.print_port and isinstance(server.server_address, tuple):
             _write(sys.stdout, "%d\n" % server.server_address[1])
         server.say("status: 0/%d" % options.limit)
 
@@ -4901,6 +4948,8 @@ def _command_server(options: _Options) -> "_CommandServer":
     except (TypeError, ValueError) as exc:  # an inherited socket, not TCP
         listener.close()
         raise _UsageError("--inherit: %s" % exc) from None
+    if options.unix:
+        server.own_path(options.unix)
     try:
         _drop_privileges(options)
     except OSError as exc:

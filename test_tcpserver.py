@@ -4310,9 +4310,10 @@ UCSPI = "/usr/bin/tcpserver"  # ucspi-tcp's, from the Debian package
 class CommandLine(Program):
     """A tcpserver command (ours, or ucspi-tcp's) run with -1 on port 0."""
 
-    def __init__(self, test, args, command=None, env=None, cwd=HERE):
+    def __init__(self, test, args, command=None, env=None, cwd=HERE,
+                 ready=("stdout", r"\A(\d+)\n")):
         super().__init__(test, (command or [sys.executable, "-m", "tcpserver"]) + args,
-                         env=env, cwd=cwd)
+                         env=env, cwd=cwd, ready=ready)
 
 
 def call_main(args):
@@ -4432,6 +4433,56 @@ class TestCommandLine(unittest.TestCase):
 
     @unittest.skipUnless(shutil.which("tcprules"), "tcprules is not installed "
                          "(apt-get install ucspi-tcp)")
+    @unittest.skipUnless(shutil.which("unixserver"),
+                         "ucspi-unix is not installed (apt-get install ucspi-unix)")
+    def test_same_as_ucspi_unix(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        script = os.path.join(directory, "show")
+        with open(script, "w") as file:
+            file.write("#!/bin/sh\necho $PROTO $UNIXLOCALPATH $UNIXREMOTEEUID $UNIXREMOTEEGID "
+                       "$UNIXREMOTEPID\nexit 3\n")
+        os.chmod(script, 0o755)
+        seen = {}
+        # Debian's unixserver writes its -v lines on stdout; ours, on stderr.
+        for name, command, stream in (
+                ("unixserver", ["unixserver", "-v", "-c", "10"], "stdout"),
+                ("tcpserver", [sys.executable, "-m", "tcpserver", "-v", "-c", "10", "--unix"],
+                 "stderr")):
+            path = os.path.join(directory, name + ".sock")
+            server = Program(self, command + [path, script], ready=(stream, r"status: 0/10\n"))
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(TIMEOUT)
+                sock.connect(path)
+                reply = read_all(sock).decode()
+            server.wait_for(r"status: 0/10\n(.|\n)*status: 0/10\n", stream)  # its end
+            server.stop()
+            log = server.text(stream)
+            self.assertFalse(os.path.exists(path), name)  # removed at exit
+            seen[name] = (reply.replace(path, "PATH"),
+                          re.sub(r"^\w+: ", "", re.sub(r"\b(pid|end) \d+", r"\1 X", log),
+                                 flags=re.M))
+        self.assertEqual(seen["tcpserver"], seen["unixserver"])
+        self.assertEqual(seen["tcpserver"][0], "UNIX PATH %d %d %d\n"
+                         % (os.getuid(), os.getgid(), os.getpid()))
+
+    def test_unix_with_workers_and_usage_errors(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "w.sock")
+        server = CommandLine(self, ["-v", "-w", "2", "--unix", path, "sh", "-c", "echo $PROTO"],
+                             ready=None)
+        server.wait_for(r"status: 0/40\n")
+        for _ in range(4):  # whichever worker serves it, the file stays
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(TIMEOUT)
+                sock.connect(path)
+                self.assertEqual(read_all(sock), b"UNIX\n")
+        self.assertEqual(server.stop()[0], 0)
+        self.assertFalse(os.path.exists(path))  # the supervisor's to remove, at its end
+        assert_usage_error(self, ["--unix", path, "-x", "rules.cdb", "cat"], "need TCP")
+        assert_usage_error(self, ["--unix", path, "--inherit", "cat"], "go separately")
+
     def test_tcprules_allow_deny_and_environment(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
