@@ -2603,23 +2603,22 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-# The signals that may stop serving (see _stop_signals()); SIGHUP is not on
-# Windows.
+# The signals serving takes: SIGTERM and SIGINT stop, SIGHUP reloads (see
+# _hangup()); blocked while workers are forked.  No SIGHUP on Windows.
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in
                       ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 
-def _stop_signals() -> List[int]:
-    """Return the signals that stop serving, as this process has them now:
-    SIGTERM and SIGINT; and SIGHUP (a hangup of the terminal), whose
-    default would end the process without a drain, leaving PROGRAMs and
-    workers behind, unless it is ignored (nohup) or has a handler of the
-    application's own."""
-    signals: List[int] = [signal.SIGTERM, signal.SIGINT]
+def _hangup() -> Optional[int]:
+    """Return SIGHUP if serving may take it (to reload), as this process
+    has it now: while it has its default action, which would end the
+    process without a drain, leaving PROGRAMs and workers behind.  None if
+    it is ignored (nohup) or has a handler of the application's own, and
+    where there is no SIGHUP (Windows)."""
     hangup = getattr(signal, "SIGHUP", None)
-    if hangup is not None and signal.getsignal(hangup) == signal.SIG_DFL:
-        signals.append(hangup)
-    return signals
+    if hangup is None or signal.getsignal(hangup) != signal.SIG_DFL:
+        return None
+    return int(hangup)
 
 
 def _unblock_stop_signals() -> None:
@@ -2627,10 +2626,11 @@ def _unblock_stop_signals() -> None:
 
 
 class _StopSignals:
-    """Handlers of the stop signals (_stop_signals()) for serving until one
-    comes, while in a with block: the first stops the server (shutdown()),
-    a second one, at least patience seconds later, ends the process at
-    once (stop_now())."""
+    """Handlers of the signals serving takes, while in a with block: the
+    first SIGTERM or SIGINT stops the server (shutdown()), a second one, at
+    least patience seconds later, ends the process at once (stop_now());
+    SIGHUP, while it has its default action (_hangup()), reloads
+    (reload())."""
 
     def __init__(self, server: "ThreadingTCPServer", patience: float) -> None:
         self.server = server
@@ -2640,7 +2640,10 @@ class _StopSignals:
 
     def __enter__(self) -> "_StopSignals":
         self.previous = {number: signal.signal(number, self.first)
-                         for number in _stop_signals()}
+                         for number in (signal.SIGTERM, signal.SIGINT)}
+        hangup = _hangup()
+        if hangup is not None:
+            self.previous[hangup] = signal.signal(hangup, self.hang_up)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -2649,10 +2652,14 @@ class _StopSignals:
 
     def first(self, signum: int, frame: Any) -> None:
         self.first_at = time.monotonic()
-        for number in self.previous:
+        for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, self.second)
         # shutdown() waits for serve_forever(), so not from its thread.
         threading.Thread(target=self.server.shutdown, name="signal").start()
+
+    def hang_up(self, signum: int, frame: Any) -> None:
+        # Not in this thread, which may hold a lock that reload() needs.
+        threading.Thread(target=self.server._reload, name="reload").start()
 
     def second(self, signum: int, frame: Any) -> None:
         if time.monotonic() - self.first_at < self.patience:
@@ -2672,14 +2679,18 @@ class _WorkerProcesses:
         self.count = count
         self.poll_interval = poll_interval
         self.running: Dict[int, float] = {}  # pid -> when it started
-        self.previous: Dict[int, Any] = {}  # the stop signals' own handlers
+        self.retiring: Set[int] = set()  # workers a reload replaced: draining
+        self.previous: Dict[int, Any] = {}  # the signals' own handlers
         self.stopping: List[int] = []  # the signals received, to pass on
         self.quick_deaths = 0  # workers in a row that died within a second
 
     def run(self, ready: Optional[Callable[[], None]]) -> None:
         """Fork, replace and stop the workers until a stop signal ends them."""
         self.previous = {number: signal.signal(number, self.pass_on)
-                         for number in _stop_signals()}
+                         for number in (signal.SIGTERM, signal.SIGINT)}
+        hangup = _hangup()
+        if hangup is not None:
+            self.previous[hangup] = signal.signal(hangup, self.hang_up)
         # Blocking accept() in a worker that lost the race for a connection
         # would keep it from noticing shutdown().
         listener = self.server.socket
@@ -2688,9 +2699,9 @@ class _WorkerProcesses:
         try:
             if ready is not None:
                 ready()
-            while self.running or not self.stopping:
+            while self.running or self.retiring or not self.stopping:
                 self.fork_missing()
-                if not self.running:
+                if not self.running and not self.retiring:
                     break
                 self.reap_one()
         finally:
@@ -2702,7 +2713,25 @@ class _WorkerProcesses:
     def pass_on(self, signum: int, frame: Any) -> None:
         """The supervisor's handler of a stop signal: pass it on to the workers."""
         self.stopping.append(signum)
-        _stop_processes(list(self.running))
+        _stop_processes(list(self.running) + list(self.retiring))
+
+    def hang_up(self, signum: int, frame: Any) -> None:
+        """The supervisor's SIGHUP: reload() here, then fresh workers take
+        over from the running ones, which drain and end.  The listening
+        socket stays open all along, and the fresh workers accept before
+        the others stop: no client is refused.  A reload that fails leaves
+        the workers as they are."""
+        if self.stopping or not self.server._reload():
+            return
+        began = time.monotonic()
+        old = list(self.running)
+        self.retiring.update(old)
+        self.running.clear()
+        self.fork_missing()
+        _stop_processes(old)
+        self.server.log("reload: %d fresh workers in %.3fs; %d others drain"
+                        % (len(self.running), time.monotonic() - began,
+                           len(old)), logging.INFO)
 
     def fork_missing(self) -> None:
         """Start workers until there are count, unless stopping."""
@@ -2720,7 +2749,8 @@ class _WorkerProcesses:
         pid, status = os.wait()
         began = self.running.pop(pid, None)
         if began is None or self.stopping:
-            return  # a child not ours, or the stop we asked for
+            self.retiring.discard(pid)
+            return  # a child not ours, one a reload replaced, or the stop
         self.server.log("worker %d ended (wait status %d); starting another"
                         % (pid, status), logging.WARNING)
         if time.monotonic() - began >= 1.0:
@@ -2732,6 +2762,8 @@ class _WorkerProcesses:
 
     def end_all(self) -> None:
         """Stop the workers still running, and reap them."""
+        self.running.update(dict.fromkeys(self.retiring, 0.0))
+        self.retiring.clear()
         _stop_processes(list(self.running))
         for pid in self.running:
             try:
@@ -2883,7 +2915,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     - __call__(debug=False, poll_interval=0.5, workers=None): serve, the
       egg's way;
     - serve_until_signalled(poll_interval=0.5, ready=None, patience=0):
-      serve until SIGTERM, SIGINT or SIGHUP, then drain;
+      serve until SIGTERM or SIGINT, then drain; SIGHUP: reload();
     - serve_workers(workers, poll_interval=0.5, ready=None): serve in
       worker processes;
     - from_listener(listener, RequestHandlerClass, **kwargs): a server on
@@ -2901,7 +2933,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     - client_gone(request, exc): does exc mean the client left?
     - report_refusal(client_address, reason): a connection closed unserved;
     - abort_request(request, peer): reset a failed connection;
-    - stop_now(): what to end before the process exits at once.
+    - stop_now(): what to end before the process exits at once;
+    - reload(): a new configuration, on SIGHUP.
 
     Settings: class variables that subclasses or instances may override,
     and keywords of the constructor (timeout sets idle_timeout).  A change
@@ -3065,8 +3098,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
 
         debug=True writes the egg's diagnostic lines to stderr, prefixed
         ``[tcp-server]``; a string replaces the prefix.  workers=N serves
-        in N processes instead, until SIGTERM, SIGINT or SIGHUP
-        (serve_workers()).
+        in N processes instead, until SIGTERM or SIGINT (serve_workers()).
         Raises TypeError or ValueError for another debug or workers value.
         """
         _check_debug("debug", debug)
@@ -3145,11 +3177,12 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     def serve_until_signalled(self, poll_interval: float = 0.5, *,
                               ready: Optional[Callable[[], None]] = None,
                               patience: float = 0.0) -> None:
-        """Serve until SIGTERM, SIGINT or SIGHUP, then drain with server_close().
+        """Serve until SIGTERM or SIGINT, then drain with server_close().
 
         ready(), if given, is called once the signal handlers are in place:
         the place to say the server is up, as a signal sent from then on is
-        handled.  A second signal (patience seconds or more after the first:
+        handled.  SIGHUP, while it has its default action (not ignored by
+        nohup, no handler of the application's own), calls reload().  A second signal (patience seconds or more after the first:
         a stop sent to a whole process group may come twice) stops at once:
         stop_now(), then the process exits 0 whatever its threads are doing.
         So does the end of the drain if request threads outlived it (a
@@ -3170,6 +3203,31 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             self.stop_now()
             _exit_now(0)
 
+    def reload(self) -> None:
+        """Apply a new configuration to the connections from now on.  May be
+        overridden.
+
+        Called on SIGHUP: by serve_until_signalled(), in a thread of its
+        own, and by serve_workers() in the supervising process, whose fresh
+        workers then take over from the running ones, which drain.  Does
+        nothing here; a subclass reads again what it read at start, a
+        certificate say, and sets it (self.ssl_context = a new context:
+        connections accepted from then on are wrapped in it).  An Exception
+        it raises means the reload failed: the old configuration stays,
+        with one warning and no traceback.
+        """
+
+    def _reload(self) -> bool:
+        """Call reload() and say how it went, in one line; True if it did."""
+        try:
+            self.reload()
+        except Exception as exc:
+            self.log("reload failed, the configuration stays as it was: %s"
+                     % (_describe(exc),), logging.WARNING)
+            return False
+        self.log("reloaded", logging.INFO)
+        return True
+
     def stop_now(self) -> None:
         """End what must not outlive the process when it exits at once.
 
@@ -3183,13 +3241,16 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         """Serve in worker processes that share the listening socket (POSIX).
 
         Forks workers processes; each serves as serve_until_signalled()
-        does, with its own threads and its own max_requests: until a stop
-        signal (SIGTERM, SIGINT, SIGHUP), then it drains (server_close())
-        and exits 0.  This process supervises: a worker that dies is
-        replaced (after a growing pause if they keep dying at once); a stop
-        signal is passed on to every worker (a second one, half a second
-        or more after the first, makes them stop at once), and this returns
-        once all have ended.  ready(), if given, is called once, in this process, as soon
+        does, with its own threads and its own max_requests: until SIGTERM
+        or SIGINT, then it drains (server_close()) and exits 0.  This
+        process supervises: a worker that dies is replaced (after a growing
+        pause if they keep dying at once); SIGTERM or SIGINT is passed on
+        to every worker (a second one, half a second or more after the
+        first, makes them stop at once), and this returns once all have
+        ended.  SIGHUP (as serve_until_signalled() takes it) calls reload()
+        here; then fresh workers start, with what it set, and the running
+        ones stop accepting and drain, while the listening socket stays
+        open: no client is refused.  ready(), if given, is called once, in this process, as soon
         as the signal handlers are in place and before any worker starts:
         the place to say the server is up, as a signal sent from then on is
         handled.  Call it from the main thread, before this process starts
@@ -3816,8 +3877,9 @@ options of our own:
 
 PROGRAM's environment adds PROTO=TCP, TCPLOCALIP, TCPLOCALPORT,
 TCPREMOTEIP, TCPREMOTEPORT, and TCPLOCALHOST, TCPREMOTEHOST when known.
-SIGTERM, SIGINT or SIGHUP stops accepting, drains, and exits 0; a second
-one stops at once.  Exit codes: 0 stopped by a signal, 100 bad usage, 111 temporary
+SIGTERM or SIGINT stops accepting, drains, and exits 0; a second one
+stops at once.  SIGHUP reads the TLS files again, for new connections; with
+-w, fresh workers take over and the others drain.  Exit codes: 0 stopped by a signal, 100 bad usage, 111 temporary
 failure (address in use, cannot resolve HOST, cannot drop privileges)."""
 
 
@@ -4391,6 +4453,20 @@ class _CommandServer(ThreadingTCPServer):
                 killer.cancel()
                 killer.join()
             self.end_programs()
+
+    def reload(self) -> None:
+        """Read the TLS files (--tls-cert, --tls-key, --tls-ca) again, for
+        the connections from now on: SIGHUP, after a certificate's renewal.
+        Raises ValueError if they cannot be read: the old ones stay."""
+        if not self.options.tls_cert:
+            return
+        try:
+            context = _tls_context(self.options)
+        except _UsageError as exc:
+            raise ValueError(exc.args[0]) from None
+        self.ssl_context = context
+        self.check_settings()
+        self.say("reload: TLS files read again")
 
     def stop_now(self) -> None:
         """SIGKILL every PROGRAM's process group, at once, and reap the

@@ -50,6 +50,7 @@ TIMEOUT = 10.0  # seconds: the bound of every wait in these tests
 # The soak and fuzz tests run at full size only with TEST_FULL_SOAK=1
 # (as .ci/run does); otherwise smaller, down the same paths.
 FULL_SOAK = bool(os.environ.get("TEST_FULL_SOAK"))
+TEST_RELOADS = 20  # reloads of the TLS files under load, with TEST_FULL_SOAK
 
 if os.environ.get("TEST_SWITCH_INTERVAL"):
     # The race-shaking pass (.ci/run): the interpreter switches threads at
@@ -4965,18 +4966,76 @@ class TestCommandLine(unittest.TestCase):
                     lines.close()
                 self.assertTrue(pid_gone(pid))
 
-    def test_sighup_stops_as_sigterm_does(self):
+    @unittest.skipUnless(shutil.which("openssl"),
+                         "openssl is not installed (apt-get install openssl)")
+    def test_sighup_reloads_the_tls_files_under_load(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        pairs = {name: make_certificate(directory, name, "localhost",
+                                        "DNS:localhost,IP:127.0.0.1") for name in "ab"}
+        named = {}
+        with open(os.path.join(directory, "both.pem"), "w") as both:
+            for name, (cert, _) in pairs.items():
+                with open(cert) as pem:
+                    text = pem.read()
+                both.write(text)
+                named[hashlib.sha256(ssl.PEM_cert_to_DER_cert(text)).digest()] = name
+        cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+
+        def install(name):  # what a certificate's renewal does
+            shutil.copy(pairs[name][0], cert)
+            shutil.copy(pairs[name][1], key)
+
+        context = ssl.create_default_context(cafile=os.path.join(directory, "both.pem"))
+        reloads = (TEST_RELOADS if FULL_SOAK else 3)
         for workers in ([], ["-w", "2"]):
             with self.subTest(workers=workers):
-                server = CommandLine(self, ["-1", "--drain", "0.1"] + workers
-                                     + ["127.0.0.1", "0", "sh", "-c", "echo $$; exec sleep 60"])
-                with server.connect() as sock:
-                    pid = int(sock.makefile().readline())
-                    code, log = server.stop(signal.SIGHUP)
-                    self.assertEqual(code, 0, log)
-                self.assertTrue(pid_gone(pid))
-                # Nothing of it still listens: the port can be had again.
-                socket.create_server(("127.0.0.1", server.port)).close()
+                install("a")
+                server = CommandLine(self, ["-1", "-v"] + workers + [
+                    "--tls-cert", cert, "--tls-key", key, "127.0.0.1", "0", "echo", "hi"])
+                seen, errors, done = [], [], threading.Event()
+
+                def clients():  # one after another, as fast as they are served
+                    while not done.is_set():
+                        try:
+                            with context.wrap_socket(server.connect(),
+                                                     server_hostname="localhost") as sock:
+                                reply = read_all(sock)
+                                seen.append(named[hashlib.sha256(sock.getpeercert(True))
+                                                  .digest()])
+                            if reply != b"hi\n":
+                                errors.append(reply)
+                        except OSError as exc:
+                            errors.append(exc)
+
+                loop = threading.Thread(target=clients, name="clients")
+                loop.start()
+                try:
+                    for name in "ba" * (reloads // 2) + "b" * (reloads % 2):
+                        install(name)
+                        server.process.send_signal(signal.SIGHUP)
+                        deadline = time.monotonic() + TIMEOUT
+                        while not seen or seen[-1] != name:  # the new one serves
+                            self.assertLess(time.monotonic(), deadline, "no reload")
+                            time.sleep(0.005)
+                    with open(cert, "w") as broken:
+                        broken.write("not a certificate")
+                    server.process.send_signal(signal.SIGHUP)
+                    server.wait_for("warning: reload failed, the configuration stays as it "
+                                    "was: ValueError: cannot load the TLS files")
+                    served = len(seen)
+                    deadline = time.monotonic() + TIMEOUT
+                    while len(seen) < served + 5:  # with the last good one
+                        self.assertLess(time.monotonic(), deadline, "not served after")
+                        time.sleep(0.005)
+                finally:
+                    done.set()
+                    loop.join(TIMEOUT)
+                code, log = server.stop()
+                self.assertEqual(code, 0, log)
+                self.assertEqual(errors, [])
+                self.assertEqual(seen[-1], name)  # the last good one
+                self.assertEqual(log.count("reload: TLS files read again"), reloads)
 
     def test_an_ignored_sighup_stays_ignored(self):
         # As nohup leaves it: SIGHUP ignored before the server starts.
