@@ -3182,13 +3182,13 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         ready(), if given, is called once the signal handlers are in place:
         the place to say the server is up, as a signal sent from then on is
         handled.  SIGHUP, while it has its default action (not ignored by
-        nohup, no handler of the application's own), calls reload().  A second signal (patience seconds or more after the first:
-        a stop sent to a whole process group may come twice) stops at once:
-        stop_now(), then the process exits 0 whatever its threads are doing.
-        So does the end of the drain if request threads outlived it (a
-        thunk that never returns), rather than hang at interpreter exit.
-        Main thread only, as signal handlers are; the previous handlers
-        come back.
+        nohup, no handler of the application's own), calls reload().  A
+        second signal (patience seconds or more after the first: a stop sent
+        to a whole process group may come twice) stops at once: stop_now(),
+        then the process exits 0 whatever its threads are doing.  So does the
+        end of the drain if request threads outlived it (a thunk that never
+        returns), rather than hang at interpreter exit.  Main thread only, as
+        signal handlers are; the previous handlers come back.
         """
         self._check_serving(poll_interval)
         with _StopSignals(self, patience):
@@ -3879,8 +3879,9 @@ PROGRAM's environment adds PROTO=TCP, TCPLOCALIP, TCPLOCALPORT,
 TCPREMOTEIP, TCPREMOTEPORT, and TCPLOCALHOST, TCPREMOTEHOST when known.
 SIGTERM or SIGINT stops accepting, drains, and exits 0; a second one
 stops at once.  SIGHUP reads the TLS files again, for new connections; with
--w, fresh workers take over and the others drain.  Exit codes: 0 stopped by a signal, 100 bad usage, 111 temporary
-failure (address in use, cannot resolve HOST, cannot drop privileges)."""
+-w, fresh workers take over and the others drain.  Exit codes: 0 stopped
+by a signal, 100 bad usage, 111 temporary failure (address in use,
+cannot resolve HOST, cannot drop privileges)."""
 
 
 class _CommandError(Exception):
