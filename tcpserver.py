@@ -2301,6 +2301,7 @@ class _AcceptLoop:
     def service_actions(self) -> None:
         """The loop's own chores, then the server's service_actions()."""
         self.server._request_threads.report_recovery()
+        self.server._post_stats()
         self.server.service_actions()
 
     def take_vacant_lead(self) -> bool:
@@ -2609,6 +2610,16 @@ _STOP_SIGNALS = tuple(getattr(signal, name) for name in
                       ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 
+def _user_signal() -> Optional[int]:
+    """Return SIGUSR1 (one line of stats(), on request) if serving may take
+    it: while it has its default action, which would end the process.
+    None if the application has it, and where there is none (Windows)."""
+    report = getattr(signal, "SIGUSR1", None)
+    if report is None or signal.getsignal(report) != signal.SIG_DFL:
+        return None
+    return int(report)
+
+
 def _hangup() -> Optional[int]:
     """Return SIGHUP if serving may take it (to reload), as this process
     has it now: while it has its default action, which would end the
@@ -2644,6 +2655,9 @@ class _StopSignals:
         hangup = _hangup()
         if hangup is not None:
             self.previous[hangup] = signal.signal(hangup, self.hang_up)
+        report = _user_signal()
+        if report is not None:
+            self.previous[report] = signal.signal(report, self.report)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -2661,12 +2675,86 @@ class _StopSignals:
         # Not in this thread, which may hold a lock that reload() needs.
         threading.Thread(target=self.server._reload, name="reload").start()
 
+    def report(self, signum: int, frame: Any) -> None:
+        # As for SIGHUP: stats() takes the slots' lock.
+        threading.Thread(target=self.server.report_stats, name="report").start()
+
     def second(self, signum: int, frame: Any) -> None:
         if time.monotonic() - self.first_at < self.patience:
             return  # the same stop, told twice
         self.server.log("a second signal: stopping at once", logging.WARNING)
         self.server.stop_now()
         _exit_now(0)
+
+
+class _StatsBoard:
+    """Where worker processes post their stats() for their supervisor.
+
+    Shared memory, made before the workers are forked, a slot for each:
+    its worker alone writes it, between two increments of a sequence
+    number, so a reader that finds the number odd or changed reads again;
+    the supervisor reads the slots at any time.  The supervisor hands the
+    slots out and takes them back, keeping the counts of the workers that
+    have ended.
+    """
+
+    _SLOT = struct.Struct("=%dq" % (2 + len(_STATS) + 1))  # seq, pid, counts
+
+    def __init__(self, slots: int) -> None:
+        import mmap  # only workers need it
+        self.memory = mmap.mmap(-1, self._SLOT.size * slots)
+        self.free = list(range(slots))
+        self.slot_of: Dict[int, int] = {}  # pid -> its slot
+        self.past = dict.fromkeys(_STATS, 0)  # the workers that ended
+
+    def post(self, slot: int, pid: int, counts: Dict[str, int]) -> None:
+        """Write a worker's counts (stats()) to its slot; in the worker."""
+        offset = slot * self._SLOT.size
+        sequence = self._SLOT.unpack_from(self.memory, offset)[0]
+        values = [counts[key] for key in _STATS] + [counts["active"]]
+        self._SLOT.pack_into(self.memory, offset, sequence + 1, pid, *values)
+        self._SLOT.pack_into(self.memory, offset, sequence + 2, pid, *values)
+
+    def read(self, slot: int) -> Dict[str, int]:
+        """Return the counts in a slot, as its worker last posted them."""
+        offset = slot * self._SLOT.size
+        while True:
+            first = self._SLOT.unpack_from(self.memory, offset)
+            again = self._SLOT.unpack_from(self.memory, offset)
+            if first == again and first[0] % 2 == 0:
+                break  # not caught in the midst of a post
+        counts = dict(zip(_STATS, first[2:]))
+        counts["active"] = first[-1]
+        return counts
+
+    def take(self) -> int:
+        """Hand a slot out, emptied, to the worker about to be forked."""
+        slot = self.free.pop()
+        offset = slot * self._SLOT.size
+        self.memory[offset:offset + self._SLOT.size] = bytes(self._SLOT.size)
+        return slot
+
+    def give_back(self, pid: int) -> None:
+        """Keep the counts of a worker that ended; free its slot."""
+        slot = self.slot_of.pop(pid, None)
+        if slot is None:
+            return
+        ended = self.read(slot)
+        for key in _STATS:
+            self.past[key] += ended[key]
+        self.free.append(slot)
+
+    def stats(self) -> Dict[str, Any]:
+        """Return the workers' counts added up, those that ended included,
+        and, under "workers", each running worker's, by pid."""
+        totals: Dict[str, Any] = dict(self.past)
+        totals["active"] = 0
+        workers = {pid: self.read(slot) for pid, slot in self.slot_of.items()}
+        for counts in workers.values():
+            for key, value in counts.items():
+                totals[key] += value
+        totals["workers"] = workers
+        return totals
 
 
 class _WorkerProcesses:
@@ -2683,6 +2771,7 @@ class _WorkerProcesses:
         self.previous: Dict[int, Any] = {}  # the signals' own handlers
         self.stopping: List[int] = []  # the signals received, to pass on
         self.quick_deaths = 0  # workers in a row that died within a second
+        self.board = _StatsBoard(2 * count)  # room for a reload's overlap
 
     def run(self, ready: Optional[Callable[[], None]]) -> None:
         """Fork, replace and stop the workers until a stop signal ends them."""
@@ -2691,6 +2780,9 @@ class _WorkerProcesses:
         hangup = _hangup()
         if hangup is not None:
             self.previous[hangup] = signal.signal(hangup, self.hang_up)
+        report = _user_signal()
+        if report is not None:
+            self.previous[report] = signal.signal(report, self.report)
         # Blocking accept() in a worker that lost the race for a connection
         # would keep it from noticing shutdown().
         listener = self.server.socket
@@ -2714,6 +2806,10 @@ class _WorkerProcesses:
         """The supervisor's handler of a stop signal: pass it on to the workers."""
         self.stopping.append(signum)
         _stop_processes(list(self.running) + list(self.retiring))
+
+    def report(self, signum: int, frame: Any) -> None:
+        """The supervisor's SIGUSR1: one line of the workers' counts."""
+        self.server.report_stats()
 
     def hang_up(self, signum: int, frame: Any) -> None:
         """The supervisor's SIGHUP: reload() here, then fresh workers take
@@ -2739,7 +2835,10 @@ class _WorkerProcesses:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             while not self.stopping and len(self.running) < self.count:
-                self.running[self.fork()] = time.monotonic()
+                slot = self.board.take()
+                pid = self.fork(slot)
+                self.board.slot_of[pid] = slot
+                self.running[pid] = time.monotonic()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
@@ -2747,6 +2846,7 @@ class _WorkerProcesses:
         """Wait for a child to end; a worker that died unasked is replaced,
         after a growing pause if workers keep dying at once."""
         pid, status = os.wait()
+        self.board.give_back(pid)
         began = self.running.pop(pid, None)
         if began is None or self.stopping:
             self.retiring.discard(pid)
@@ -2770,9 +2870,11 @@ class _WorkerProcesses:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass  # reaped already
+            self.board.give_back(pid)
 
-    def fork(self) -> int:
-        """Start one worker process; return its pid.  The worker never returns.
+    def fork(self, slot: int) -> int:
+        """Start one worker process, which posts its counts to slot of the
+        board; return its pid.  The worker never returns.
 
         Called with the stop signals blocked: the worker unblocks them
         once it has handlers of its own, as this process's would pass the
@@ -2783,7 +2885,11 @@ class _WorkerProcesses:
             return pid
         code = 1
         try:
-            # The socket file is the supervisor's to remove, at its end.
+            # A worker: its own counts, posted; the socket file is the
+            # supervisor's to remove, at its end.
+            self.server._workers = None
+            self.server._post = (self.board, slot)
+            self.server.worker = os.getpid()
             self.server._owned_path = None
             # The worker takes the signals as this process did before it
             # began to supervise (a SIGHUP ignored stays ignored), while
@@ -2795,6 +2901,7 @@ class _WorkerProcesses:
             self.server.serve_until_signalled(self.poll_interval,
                                               ready=_unblock_stop_signals,
                                               patience=0.5)
+            self.server._post_stats()  # the last word
             code = 0
         except BaseException:
             traceback.print_exc()
@@ -2996,6 +3103,10 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
     _setup: "_ConnectionSetup"
     _loop: "_AcceptLoop"
     _owned_path: Optional[Tuple[str, int]]  # see own_path()
+    _workers: Optional["_WorkerProcesses"]  # serve_workers()', here
+    _post: Optional[Tuple[_StatsBoard, int]]  # a worker's: where it posts
+    #: In a worker process of serve_workers(), its pid; else None.
+    worker: Optional[int] = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "ThreadingTCPServer":
         """Create the per-server state, whichever __init__ runs.
@@ -3009,6 +3120,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         self._setup = _ConnectionSetup(self)
         self._loop = _AcceptLoop(self)
         self._owned_path = None
+        self._workers = self._post = None
         return self
 
     def __init__(self, server_address: _Address, RequestHandlerClass: Any,
@@ -3264,7 +3376,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             raise NotImplementedError("worker processes need fork(), which "
                                       "this system lacks: serve in one process")
         self._check_serving(poll_interval)
-        _WorkerProcesses(self, workers, poll_interval).run(ready)
+        self._workers = _WorkerProcesses(self, workers, poll_interval)
+        self._workers.run(ready)
 
     # -- diagnostics, from any thread ---------------------------------------
 
@@ -3287,9 +3400,8 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         """
         shown = bool(self.debug) and sys.stderr is not None
         if shown:
-            prefix = DEFAULT_PREFIX if self.debug is True else self.debug
             try:
-                sys.stderr.write("[%s] %s\n" % (prefix, message))
+                sys.stderr.write("[%s] %s\n" % (self._prefix(), message))
                 sys.stderr.flush()
             except (OSError, ValueError):
                 pass  # diagnostics must not stop the server
@@ -3297,7 +3409,7 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
             # Unconfigured, logging would print a WARNING on stderr again.
             logger.log(level, "%s", message)
 
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> Dict[str, Any]:
         """Return a snapshot of the server's counters, safe from any thread.
 
         accepted: connections accepted; active: requests open now;
@@ -3307,8 +3419,54 @@ class ThreadingTCPServer(socketserver.ThreadingTCPServer):
         max_per_client, no request thread could start before shutdown());
         peak_active: most requests open at once.  accepted is the sum of
         the last three and active.
+
+        In the process that supervises worker processes (serve_workers(),
+        while it runs and after), the workers' counters added up, those of
+        workers that ended included (as last posted: each posts every
+        poll_interval and as it ends); peak_active adds the workers' own
+        peaks; and "workers": each running worker's counters, by pid.
         """
+        if self._workers is not None:
+            return self._workers.board.stats()
         return self._slots.stats()
+
+    def stats_line(self) -> str:
+        """Return stats() as one line for a log: "stats: accepted 12,
+        active 0, ...", and in a supervisor each running worker's after a
+        semicolon, "; worker 4242: accepted 6, ..."."""
+        stats = self.stats()
+
+        def counts(of: Dict[str, Any]) -> str:
+            return ", ".join("%s %d" % (key, of[key]) for key in sorted(of)
+                             if key != "workers")
+
+        line = "stats: " + counts(stats)
+        for pid, worker in sorted(stats.get("workers", {}).items()):
+            line += "; worker %d: %s" % (pid, counts(worker))
+        return line
+
+    def report_stats(self) -> None:
+        """Write stats_line() to stderr, after the prefix of the
+        diagnostics (and a worker's pid): SIGUSR1 asks for it, where
+        serve_until_signalled() or serve_workers() serve.  May be
+        overridden."""
+        try:
+            sys.stderr.write("[%s] %s\n" % (self._prefix(), self.stats_line()))
+            sys.stderr.flush()
+        except (AttributeError, OSError, ValueError):
+            pass  # a stderr nobody reads: nothing to report to
+
+    def _prefix(self) -> str:
+        """The prefix of the diagnostic lines: debug's, or DEFAULT_PREFIX;
+        a worker's pid after it."""
+        prefix = self.debug if isinstance(self.debug, str) else DEFAULT_PREFIX
+        return prefix if self.worker is None else "%s %d" % (prefix, self.worker)
+
+    def _post_stats(self) -> None:
+        """In a worker process: post stats() for the supervisor."""
+        if self._post is not None:
+            board, slot = self._post
+            board.post(slot, os.getpid(), self._slots.stats())
 
     def local_address(self, request: socket.socket) -> Optional[_Address]:
         """Return the local address of an open request's connection.
@@ -3899,9 +4057,11 @@ class _UsageError(_CommandError):
         return "usage error: %s (see --help)" % (super().__str__(),)
 
 
-def _say(line: str) -> None:
-    """Write one line of ours to stderr, as ucspi-tcp does: "tcpserver: ..."."""
-    _write(sys.stderr, "tcpserver: %s\n" % line)
+def _say(line: str, worker: Optional[int] = None) -> None:
+    """Write one line of ours to stderr, as ucspi-tcp does: "tcpserver: ...";
+    a worker's (-w) say which it is, as syslog does: "tcpserver[4242]: ..."."""
+    name = "tcpserver" if worker is None else "tcpserver[%d]" % worker
+    _write(sys.stderr, "%s: %s\n" % (name, line))
 
 
 def _write(stream: Any, text: str) -> None:
@@ -4256,12 +4416,17 @@ class _CommandServer(ThreadingTCPServer):
     def say(self, line: str) -> None:
         """Write one of ucspi-tcp's -v lines to stderr."""
         if self.options.verbosity >= 2:
-            _say(line)
+            _say(line, self.worker)
 
     def log(self, message: str, level: int = logging.DEBUG) -> None:
         """Our own diagnostics: warnings and worse, unless -q."""
         if level >= logging.WARNING and self.options.verbosity >= 1:
-            _say("warning: " + message)
+            _say("warning: " + message, self.worker)
+
+    def report_stats(self) -> None:
+        """SIGUSR1: one line of stats() on stderr, unless -q."""
+        if self.options.verbosity >= 1:
+            _say(self.stats_line(), self.worker)
 
     def handle_error(self, request: Any, client_address: Tuple[Any, ...]) -> None:
         """A thunk's exception: its traceback, unless -q."""

@@ -4475,6 +4475,22 @@ class TestCommandLine(unittest.TestCase):
         self.assertEqual(seen["tcpserver"][0], "UNIX PATH %d %d %d\n"
                          % (os.getuid(), os.getgid(), os.getpid()))
 
+    def test_workers_say_which_they_are_and_sigusr1_adds_them_up(self):
+        server = CommandLine(self, ["-1", "-v", "-w", "2", "127.0.0.1", "0", "echo", "hi"])
+        for _ in range(4):
+            self.assertEqual(server.talk(), b"hi\n")
+        server.wait_for(r"(end \d+ status 0\n(.|\n)*){4}")  # each connection's end
+        lines = server.text().splitlines()
+        self.assertEqual(lines[0], "tcpserver: status: 0/40")  # the supervisor's
+        workers = {int(re.match(r"tcpserver\[(\d+)\]: ", line).group(1)) for line in lines[1:]}
+        self.assertLessEqual(len(workers), 2)  # the rest, each a worker's, by pid
+        server.process.send_signal(signal.SIGUSR1)
+        found = server.wait_for(r"tcpserver: stats: accepted \d+, active \d+, completed \d+, "
+                                r"failed 0, peak_active \d+, refused 0; worker \d+: .*; "
+                                r"worker \d+: .*\n")
+        self.assertNotIn("warning", found.group(0))
+        self.assertEqual(server.stop()[0], 0)
+
     def test_unix_with_workers_and_usage_errors(self):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
@@ -5456,6 +5472,7 @@ server = tcpserver.make_tcp_server(("127.0.0.1", 0), thunk, 4)
 print(server.server_address[1], flush=True)
 server(workers=int(sys.argv[1]))
 server.server_close()
+print(server.stats_line(), flush=True)
 print("supervisor done", flush=True)
 """
 
@@ -5486,6 +5503,25 @@ class TestWorkers(unittest.TestCase):
             pids.add(self.ask())
         return pids
 
+    def test_the_supervisor_adds_up_its_workers_counts(self):
+        supervisor = self.start(2)
+        asked = 0
+        pids = set()
+        deadline = time.monotonic() + TIMEOUT
+        while len(pids) < 2 or asked < 10:
+            self.assertLess(time.monotonic(), deadline, "only %s answered" % pids)
+            pids.add(self.ask())
+            asked += 1
+        supervisor.process.send_signal(signal.SIGUSR1)
+        line = supervisor.wait_for(r"\[tcp-server\] stats: accepted \d+, .*\n").group(0)
+        for pid in pids:  # each running worker, by pid
+            self.assertIn("; worker %d: accepted " % pid, line)
+        code, log = supervisor.stop()
+        self.assertEqual(code, 0, log)
+        # Each worker posted its last counts as it ended: they add up.
+        self.assertIn("stats: accepted %d, active 0, completed %d, failed 0, "
+                      "peak_active " % (asked, asked), supervisor.text("stdout"))
+
     def test_workers_share_the_port_and_a_dead_one_is_replaced(self):
         supervisor = self.start(2)
         first = self.pids_serving(2)
@@ -5500,7 +5536,8 @@ class TestWorkers(unittest.TestCase):
             pids.add(self.ask())
         self.assertNotIn(victim, pids)
         code, log = supervisor.stop()
-        self.assertEqual(supervisor.text("stdout"), "%d\nsupervisor done\n" % self.port)
+        self.assertRegex(supervisor.text("stdout"),
+                         r"\A%d\nstats: .*\nsupervisor done\n\Z" % self.port)
         self.assertEqual(code, 0)
         self.assertIn("worker %d ended (wait status 9); starting another" % victim, log)
         for pid in pids | first:
