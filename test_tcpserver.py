@@ -4453,9 +4453,11 @@ class TestCommandLine(unittest.TestCase):
                        "$UNIXREMOTEPID\nexit 3\n")
         os.chmod(script, 0o755)
         seen = {}
-        # Debian's unixserver writes its -v lines on stdout; ours, on stderr.
+        # Debian's unixserver writes its -v lines on stdout (ours, on
+        # stderr), through a buffer a fork copies: line-buffered, or a line
+        # comes twice.
         for name, command, stream in (
-                ("unixserver", ["unixserver", "-v", "-c", "10"], "stdout"),
+                ("unixserver", ["stdbuf", "-oL", "unixserver", "-v", "-c", "10"], "stdout"),
                 ("tcpserver", [sys.executable, "-m", "tcpserver", "-v", "-c", "10", "--unix"],
                  "stderr")):
             path = os.path.join(directory, name + ".sock")
