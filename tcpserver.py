@@ -2604,32 +2604,39 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-# The signals serving takes: SIGTERM and SIGINT stop, SIGHUP reloads (see
-# _hangup()); blocked while workers are forked.  No SIGHUP on Windows.
+# The signals serving takes (_take_signals()): SIGTERM and SIGINT stop,
+# SIGHUP reloads, SIGUSR1 reports; blocked while workers are forked, until
+# each has handlers of its own.  Windows has the first two alone.
 _STOP_SIGNALS = tuple(getattr(signal, name) for name in
-                      ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+                      ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
+                      if hasattr(signal, name))
 
 
-def _user_signal() -> Optional[int]:
-    """Return SIGUSR1 (one line of stats(), on request) if serving may take
-    it: while it has its default action, which would end the process.
-    None if the application has it, and where there is none (Windows)."""
-    report = getattr(signal, "SIGUSR1", None)
-    if report is None or signal.getsignal(report) != signal.SIG_DFL:
+def _untaken(name: str) -> Optional[int]:
+    """Return the signal name (SIGHUP, SIGUSR1) if serving may take it: while
+    it has its default action, which would end the process (without a
+    drain, leaving PROGRAMs and workers behind).  None if it is ignored
+    (nohup) or has a handler of the application's own, which are left
+    alone, and where there is no such signal (Windows)."""
+    number = getattr(signal, name, None)
+    if number is None or signal.getsignal(number) != signal.SIG_DFL:
         return None
-    return int(report)
+    return int(number)
 
 
-def _hangup() -> Optional[int]:
-    """Return SIGHUP if serving may take it (to reload), as this process
-    has it now: while it has its default action, which would end the
-    process without a drain, leaving PROGRAMs and workers behind.  None if
-    it is ignored (nohup) or has a handler of the application's own, and
-    where there is no SIGHUP (Windows)."""
-    hangup = getattr(signal, "SIGHUP", None)
-    if hangup is None or signal.getsignal(hangup) != signal.SIG_DFL:
-        return None
-    return int(hangup)
+def _take_signals(stop: Callable[[int, Any], None],
+                  hang_up: Callable[[int, Any], None],
+                  report: Callable[[int, Any], None]) -> Dict[int, Any]:
+    """Handle the signals serving takes: SIGTERM and SIGINT with stop;
+    SIGHUP (reload) with hang_up and SIGUSR1 (stats) with report, where
+    _untaken().  Return the handlers they had, to put back."""
+    previous: Dict[int, Any] = {number: signal.signal(number, stop)
+                                for number in (signal.SIGTERM, signal.SIGINT)}
+    for number, handler in ((_untaken("SIGHUP"), hang_up),
+                            (_untaken("SIGUSR1"), report)):
+        if number is not None:
+            previous[number] = signal.signal(number, handler)
+    return previous
 
 
 def _unblock_stop_signals() -> None:
@@ -2640,7 +2647,7 @@ class _StopSignals:
     """Handlers of the signals serving takes, while in a with block: the
     first SIGTERM or SIGINT stops the server (shutdown()), a second one, at
     least patience seconds later, ends the process at once (stop_now());
-    SIGHUP, while it has its default action (_hangup()), reloads
+    SIGHUP, while it has its default action (_untaken()), reloads
     (reload())."""
 
     def __init__(self, server: "ThreadingTCPServer", patience: float) -> None:
@@ -2650,14 +2657,7 @@ class _StopSignals:
         self.previous: Dict[int, Any] = {}
 
     def __enter__(self) -> "_StopSignals":
-        self.previous = {number: signal.signal(number, self.first)
-                         for number in (signal.SIGTERM, signal.SIGINT)}
-        hangup = _hangup()
-        if hangup is not None:
-            self.previous[hangup] = signal.signal(hangup, self.hang_up)
-        report = _user_signal()
-        if report is not None:
-            self.previous[report] = signal.signal(report, self.report)
+        self.previous = _take_signals(self.first, self.hang_up, self.report)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -2775,14 +2775,7 @@ class _WorkerProcesses:
 
     def run(self, ready: Optional[Callable[[], None]]) -> None:
         """Fork, replace and stop the workers until a stop signal ends them."""
-        self.previous = {number: signal.signal(number, self.pass_on)
-                         for number in (signal.SIGTERM, signal.SIGINT)}
-        hangup = _hangup()
-        if hangup is not None:
-            self.previous[hangup] = signal.signal(hangup, self.hang_up)
-        report = _user_signal()
-        if report is not None:
-            self.previous[report] = signal.signal(report, self.report)
+        self.previous = _take_signals(self.pass_on, self.hang_up, self.report)
         # Blocking accept() in a worker that lost the race for a connection
         # would keep it from noticing shutdown().
         listener = self.server.socket
