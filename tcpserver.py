@@ -2727,8 +2727,12 @@ class _StatsBoard:
         counts["active"] = first[-1]
         return counts
 
-    def take(self) -> int:
-        """Hand a slot out, emptied, to the worker about to be forked."""
+    def take(self) -> Optional[int]:
+        """Hand a slot out, emptied, to the worker about to be forked; None
+        if none is free (reloads in a row, each leaving workers to drain):
+        that worker's counts are then not posted."""
+        if not self.free:
+            return None
         slot = self.free.pop()
         offset = slot * self._SLOT.size
         self.memory[offset:offset + self._SLOT.size] = bytes(self._SLOT.size)
@@ -2771,7 +2775,8 @@ class _WorkerProcesses:
         self.previous: Dict[int, Any] = {}  # the signals' own handlers
         self.stopping: List[int] = []  # the signals received, to pass on
         self.quick_deaths = 0  # workers in a row that died within a second
-        self.board = _StatsBoard(2 * count)  # room for a reload's overlap
+        # Room for reloads in a row, each leaving workers to drain.
+        self.board = _StatsBoard(4 * count + 16)
 
     def run(self, ready: Optional[Callable[[], None]]) -> None:
         """Fork, replace and stop the workers until a stop signal ends them."""
@@ -2813,11 +2818,18 @@ class _WorkerProcesses:
         if self.stopping or not self.server._reload():
             return
         began = time.monotonic()
-        old = list(self.running)
+        old = dict(self.running)
         self.retiring.update(old)
         self.running.clear()
-        self.fork_missing()
-        _stop_processes(old)
+        try:
+            self.fork_missing()
+        except OSError as exc:  # no process can start: the others serve on
+            self.server.log("reload: fresh workers cannot start (%s); the "
+                            "others serve on" % (exc,), logging.WARNING)
+            self.retiring.difference_update(old)
+            self.running.update(old)
+            return
+        _stop_processes(list(old))
         self.server.log("reload: %d fresh workers in %.3fs; %d others drain"
                         % (len(self.running), time.monotonic() - began,
                            len(old)), logging.INFO)
@@ -2830,7 +2842,8 @@ class _WorkerProcesses:
             while not self.stopping and len(self.running) < self.count:
                 slot = self.board.take()
                 pid = self.fork(slot)
-                self.board.slot_of[pid] = slot
+                if slot is not None:
+                    self.board.slot_of[pid] = slot
                 self.running[pid] = time.monotonic()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -2865,7 +2878,7 @@ class _WorkerProcesses:
                 pass  # reaped already
             self.board.give_back(pid)
 
-    def fork(self, slot: int) -> int:
+    def fork(self, slot: Optional[int]) -> int:
         """Start one worker process, which posts its counts to slot of the
         board; return its pid.  The worker never returns.
 
@@ -2881,7 +2894,7 @@ class _WorkerProcesses:
             # A worker: its own counts, posted; the socket file is the
             # supervisor's to remove, at its end.
             self.server._workers = None
-            self.server._post = (self.board, slot)
+            self.server._post = None if slot is None else (self.board, slot)
             self.server.worker = os.getpid()
             self.server._owned_path = None
             # The worker takes the signals as this process did before it
