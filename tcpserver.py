@@ -4652,6 +4652,9 @@ class _CommandServer(ThreadingTCPServer):
             _signal_group(group, signal.SIGKILL)
         for child in children:
             child.wait()
+        with self._log_lock:  # all gone: nothing left for end_programs()
+            self._children.difference_update(children)
+            self._left.difference_update(groups)
 
     def end_programs(self) -> None:
         """End the process group of every PROGRAM still running, and those

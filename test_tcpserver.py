@@ -4709,7 +4709,8 @@ class TestCommandLine(unittest.TestCase):
             self.assertEqual(children[0].wait(TIMEOUT), -signal.SIGKILL)
             with self.assertRaisesRegex(RuntimeError, "stopping at once"):
                 server.spawn(["true"])
-            server.server_close()  # its warnings, of PROGRAMs it still knows, to the patch
+            server.server_close()
+            self.assertEqual(sys.stderr.getvalue(), "")  # nothing left to end
 
     def test_a_second_signal_ends_even_a_thunk_that_never_returns(self):
         directory = tempfile.mkdtemp()
