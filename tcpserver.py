@@ -2968,12 +2968,18 @@ def _traffic(conn: socket.socket) -> str:
 
     Linux's TCP_INFO gives the bytes received and those the client
     acknowledged; TIOCOUTQ adds those sent or queued, not acknowledged yet.
+    An acknowledgement between the two would count its bytes in neither:
+    they are read again until none came in between (thrice at most).
     """
     try:
         import fcntl
         import termios
-        info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-        queued = fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        for _ in range(3):
+            info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            queued = fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+            again = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            if info[120:128] == again[120:128]:
+                break
     except (AttributeError, ImportError, OSError, ValueError):
         return ""  # not Linux, not TCP, or closed already
     if len(info) < 136:  # a kernel older than 4.2
@@ -2983,7 +2989,6 @@ def _traffic(conn: socket.socket) -> str:
         received -= 1  # the client's FIN counts as a byte there
     sent = acknowledged + struct.unpack("=i", queued)[0]
     return ", %d bytes in, %d out" % (received, sent)
-
 
 
 def _client(request: socket.socket, address: _Address) -> str:
