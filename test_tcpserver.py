@@ -171,8 +171,8 @@ class Program:
     """A program run beside a test (see environment()), killed when the test ends.
 
     Threads collect its output as it comes: lines["stdout"] and
-    lines["stderr"] keep the first 1000 lines of each, so a runaway program
-    cannot fill memory; seen counts them all; closed names the pipes at
+    lines["stderr"] keep the first keep lines of each (1000), so a runaway
+    program cannot fill memory; seen counts them all; closed names the pipes at
     their end; changed is notified for each line and each end.  Unless
     ready is None, the constructor waits until ready's pattern matches what
     came on ready's pipe; the pattern's first group, if it has one, is the
@@ -180,7 +180,8 @@ class Program:
     """
 
     def __init__(self, test, argv, env=None, cwd=HERE, ready=("stdout", r"\A(\d+)\n"),
-                 **popen):
+                 keep=1000, **popen):
+        self.keep = keep
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, env=environment(env), cwd=cwd,
                                         **popen)
@@ -203,7 +204,7 @@ class Program:
         for raw in getattr(self.process, name):
             with self.changed:
                 self.seen[name] += 1
-                if len(self.lines[name]) < 1000:
+                if len(self.lines[name]) < self.keep:
                     self.lines[name].append(raw.decode("utf-8", "replace"))
                 self.changed.notify_all()
         with self.changed:
@@ -4320,9 +4321,9 @@ class CommandLine(Program):
     """A tcpserver command (ours, or ucspi-tcp's) run with -1 on port 0."""
 
     def __init__(self, test, args, command=None, env=None, cwd=HERE,
-                 ready=("stdout", r"\A(\d+)\n")):
+                 ready=("stdout", r"\A(\d+)\n"), keep=1000):
         super().__init__(test, (command or [sys.executable, "-m", "tcpserver"]) + args,
-                         env=env, cwd=cwd, ready=ready)
+                         env=env, cwd=cwd, ready=ready, keep=keep)
 
 
 def call_main(args):
@@ -5020,9 +5021,19 @@ class TestCommandLine(unittest.TestCase):
         for workers in ([], ["-w", "2"]):
             with self.subTest(workers=workers):
                 install("a")
+                # Every -v line kept: five a connection, thousands in all.
                 server = CommandLine(self, ["-1", "-v"] + workers + [
-                    "--tls-cert", cert, "--tls-key", key, "127.0.0.1", "0", "echo", "hi"])
+                    "--tls-cert", cert, "--tls-key", key, "127.0.0.1", "0", "echo", "hi"],
+                    keep=10 ** 6)
                 seen, errors, done = [], [], threading.Event()
+                tally = {"read": 0, "reloads": 0}  # of the supervisor's lines
+
+                def reloaded(count, lines=server.lines["stderr"], tally=tally):
+                    """Have count reloads been logged?  Reads each line once."""
+                    for line in lines[tally["read"]:]:
+                        tally["reloads"] += "reload: TLS files read again" in line
+                    tally["read"] = len(lines)
+                    return tally["reloads"] >= count
 
                 def clients(server=server, seen=seen, errors=errors, done=done):
                     # One after another, as fast as they are served.
@@ -5047,8 +5058,7 @@ class TestCommandLine(unittest.TestCase):
                         server.process.send_signal(signal.SIGHUP)
                         # One signal at a time: two at once would be one.
                         self.assertTrue(server.wait_until(
-                            lambda count=count, server=server: server.text().count(
-                                "reload: TLS files read again") >= count))
+                            lambda count=count, reloaded=reloaded: reloaded(count)))
                         deadline = time.monotonic() + TIMEOUT
                         while not seen or seen[-1] != name:  # the new one serves
                             self.assertLess(time.monotonic(), deadline, "no reload")
