@@ -1197,6 +1197,14 @@ class _BinaryReader(io.BufferedReader):
                 self.drop = _AN_LF if data[end] == 13 else _KEEP
 
     def readline(self, size: Optional[int] = -1) -> bytes:
+        if (size is None or size < 0) and not self.drop and self.line_timeout is None:
+            # The common case in this one call: a whole line in what the
+            # buffer holds, or one read brings.
+            data = io.BufferedReader.peek(self)
+            end = data.find(b"\n")
+            if end >= 0 and (self.max_line is None or end - (data[end - 1:end] == b"\r")
+                             <= self.max_line):
+                return io.BufferedReader.read(self, end + 1)
         return self.timed(self._read_line, size)
 
     def timed(self, read_line: Callable[[Optional[int]], _Line],
@@ -1330,7 +1338,24 @@ class _TextReader(io.TextIOBase):
 
     # typeshed gives every IOBase's readline() bytes: hence the ignore.
     def readline(self, size: Optional[int] = -1) -> str:  # type: ignore[override]
-        return self._binary.timed(self._read_line, size)
+        binary = self._binary
+        if ((size is None or size < 0) and not binary.drop and not self._pending
+                and binary.line_timeout is None):
+            # The common case in this one call, input()'s: a whole line,
+            # ended by LF alone, in what the buffer holds or one read
+            # brings.  Anything else, the general path.
+            data = io.BufferedReader.peek(binary)
+            end = data.find(b"\n")
+            if end >= 0 and data.find(b"\r", 0, end) < 0:
+                try:
+                    text = data[:end].decode(self._encoding, self._errors)
+                except UnicodeDecodeError:
+                    pass  # the general path raises it, and drops the line
+                else:
+                    if self.max_line is None or len(text) <= self.max_line:
+                        io.BufferedReader.read(binary, end + 1)
+                        return text + "\n"
+        return binary.timed(self._read_line, size)
 
     def _read_line(self, size: Optional[int]) -> str:
         """readline(size): take from the binary stream exactly the bytes of
