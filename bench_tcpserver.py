@@ -14,7 +14,8 @@ conn     Connection rate.  N clients (1, 32, 256) each loop: connect, read
          until EOF, close, against a daytime server.  conn/s, and the
          latency of each connection (connect to EOF) at p50 and p99.
 ping     Ping-pong.  N persistent connections (1, 32) each loop: send a
-         line, read the echoed line.  Round trips/s, p50, p99.
+         line, read the echoed line.  Round trips/s, p50, p99; tcpserver
+         with and without an idle timeout.
 bulk     One connection reads 100 MB of 64-byte lines.  MB/s of tcpserver's
          print() (line- and block-buffered) and sys.stdout.buffer.write()
          against socketserver's wfile (unbuffered as it ships, buffered,
@@ -84,6 +85,7 @@ LINE_BYTES = (LINE + "\n").encode("ascii")
 BULK_LINES = 0  # lines per bulk connection; set by --serve from --bulk-bytes
 
 PING_MESSAGE = "ping 0123456789\n"  # ping: each round trip sends and gets this
+ECHO_IDLE_TIMEOUT = 60  # seconds: ping's "idle timeout" row, which never hits it
 HOLD_MESSAGE = "x\n"   # growth: short connections send it, held ones send nothing
 HTTP_FILE = "small.html"  # http: the file served, of HTTP_FILE_SIZE bytes
 HTTP_FILE_SIZE = 1024
@@ -220,6 +222,7 @@ SOCKETSERVER_HANDLERS = {
 TCPSERVER_THUNKS = {
     "tcpserver-daytime": daytime_thunk,
     "tcpserver-echo": echo_thunk,
+    "tcpserver-echo-timeout": echo_thunk,
     "tcpserver-hold": hold_thunk,
     "tcpserver-print-line": print_lines_thunk,
     "tcpserver-print-block": print_lines_thunk,
@@ -249,6 +252,9 @@ def make_tcpserver_server(kind, args):
         return tcpserver.ThreadingTCPServer(
             address, BlockBufferedThunkHandler, thunk=thunk,
             max_requests=args.max_requests)
+    if kind == "tcpserver-echo-timeout":
+        return tcpserver.make_tcp_server(address, thunk, idle_timeout=ECHO_IDLE_TIMEOUT,
+                                         max_requests=args.max_requests)
     return tcpserver.make_tcp_server(address, thunk,
                                      max_requests=args.max_requests)
 
@@ -1601,6 +1607,7 @@ def daytime_servers(bench):
 
 def echo_servers(bench):
     servers = [("tcpserver", "tcpserver-echo"),
+               ("tcpserver, idle timeout", "tcpserver-echo-timeout"),
                ("socketserver", "socketserver-echo"),
                ("asyncio", "asyncio-echo")]
     if bench.ucspi and bench.settings.with_ucspi:

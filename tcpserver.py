@@ -737,6 +737,11 @@ class _ThreadStream(threading.local):
         own = vars(self)
         for name in self._SHORTCUTS[self._name]:
             own[name] = getattr(stream, name)
+        if "fileno" in own:
+            # input() asks for it at every call: the binary stream's is C
+            # down to the descriptor where the connection reads through a
+            # FileIO.
+            own["fileno"] = stream.buffer.fileno
 
     def unbind(self) -> None:
         """Drop the calling thread's shortcuts."""
@@ -885,22 +890,18 @@ def _shorter(timeout: Optional[float], seconds: float) -> float:
 
 
 class _SocketReader(io.RawIOBase):
-    """Unbuffered reads from a socket that first flush the connection's output.
+    """Unbuffered reads from a socket, for the connections an io.FileIO on
+    the descriptor cannot read (see _raw_reader()).
 
-    Flushing before the read that may block is what lets a thunk print a
-    prompt without a newline and then wait for the answer.  at_eof becomes
-    True once the client has closed its side.  A read waits up to timeout
-    seconds (the idle timeout, which the socket has), and, while a line is
-    due (line_due()), no longer than its deadline.
+    A read waits up to timeout seconds (the idle timeout, which the socket
+    has), and, while a line is due (line_due()), no longer than its
+    deadline.
     """
 
-    def __init__(self, sock: socket.socket, output: io.TextIOBase,
-                 timeout: Optional[float]) -> None:
+    def __init__(self, sock: socket.socket, timeout: Optional[float]) -> None:
         super().__init__()
         self._sock = sock
-        self._output = output
         self._timeout = timeout
-        self.at_eof = False
         self._deadline: Optional[float] = None  # time.monotonic()'s
         self._line_timeout: Optional[float] = None
 
@@ -908,23 +909,19 @@ class _SocketReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        if not self._output.closed:
-            self._output.flush()
         try:
-            count = self._receive(buffer)
+            if self._deadline is not None:
+                self._wait_within_line()
+            return self._sock.recv_into(buffer)
         except socket.timeout:
             raise self._timed_out() from None
-        self.at_eof = count == 0
-        return count
 
-    def _receive(self, buffer: Any) -> int:
-        """One recv_into(buffer), within the line's deadline if one is due:
-        waited for here, so the socket's own timeout, which a thread
-        writing to the client meanwhile relies on, stays as it is."""
-        if self._deadline is not None and not _ready(
-                self._sock, True, _shorter(self._timeout, self._left())):
+    def _wait_within_line(self) -> None:
+        """Wait for input until the line is due: here, not by the socket's
+        own timeout, which a thread writing to the client meanwhile relies
+        on, and which stays as it is."""
+        if not _ready(self._sock, True, _shorter(self._timeout, self._left())):
             raise socket.timeout("timed out")
-        return self._sock.recv_into(buffer)
 
     def _left(self) -> float:
         """Seconds left until the line is due; socket.timeout if none."""
@@ -1091,12 +1088,15 @@ def _tls_call(sock: Any, call: Callable[[Any], int], data: Any,
 class _TLSReader(_SocketReader):
     """_SocketReader for a TLS connection: see _tls_call()."""
 
-    def _receive(self, buffer: Any) -> int:
+    def readinto(self, buffer: Any) -> int:
         timeout = self._timeout
-        if self._deadline is not None:
-            timeout = _shorter(timeout, self._left())
-        return _tls_call(self._sock, self._sock.recv_into, buffer, timeout,
-                         "sent")
+        try:
+            if self._deadline is not None:
+                timeout = _shorter(timeout, self._left())
+            return _tls_call(self._sock, self._sock.recv_into, buffer,
+                             timeout, "sent")
+        except socket.timeout:  # IdleTimeout too: which limit was hit?
+            raise self._timed_out() from None
 
 
 class _TLSWriter(_SocketWriter):
@@ -1111,12 +1111,21 @@ class _TLSWriter(_SocketWriter):
                          "read")
 
 
-def _raw_reader(sock: socket.socket, output: io.TextIOBase,
-                timeout: Optional[float]) -> _SocketReader:
-    """Return an unbuffered binary reader on sock, whose timeout is timeout."""
+def _raw_reader(sock: socket.socket, timeout: Optional[float],
+                line_timeout: Optional[float]) -> io.RawIOBase:
+    """Return an unbuffered binary reader on sock, whose timeout is timeout.
+
+    A plain blocking socket read with no line_timeout gets a FileIO on its
+    descriptor: readinto() in C, no Python call per read.  The rest need
+    the socket's own recv_into(), and, for the timeouts, waits of their
+    own (_SocketReader).
+    """
     if _is_tls(sock):
-        return _TLSReader(sock, output, timeout)
-    return _SocketReader(sock, output, timeout)
+        return _TLSReader(sock, timeout)
+    if (_SOCKETS_ARE_FILES and type(sock) is socket.socket
+            and timeout is None and line_timeout is None):
+        return io.FileIO(sock.fileno(), "rb", closefd=False)
+    return _SocketReader(sock, timeout)
 
 
 def _raw_writer(sock: socket.socket, timeout: Optional[float]
@@ -1158,6 +1167,11 @@ def _line_end(data: bytes, cr_ends: bool) -> int:
 
 _Line = TypeVar("_Line", str, bytes)
 
+# The buffer's own peek() and read(), for a thunk's streams to call on a
+# _BinaryReader past its overrides: a global name costs less to find.
+_peek = io.BufferedReader.peek
+_read = io.BufferedReader.read
+
 
 def _too_long(limit: int, unit: str) -> LineTooLong:
     return LineTooLong("line longer than max_line=%d %s" % (limit, unit))
@@ -1166,33 +1180,63 @@ def _too_long(limit: int, unit: str) -> LineTooLong:
 class _BinaryReader(io.BufferedReader):
     """sys.stdin.buffer of a thunk.
 
-    readline() (and so iteration and readlines()) is capped at max_line
-    bytes (None: no cap), the line end (LF or CRLF) not counted.  A line
-    too long raises LineTooLong; the rest of it, to its LF, is dropped
-    before the next read returns anything, as is the LF of a CRLF whose CR
-    ended sys.stdin's last line (see drop): each read starts where the
-    last line of either layer ended.
+    Before any read that may wait for the client, it flushes the
+    connection's output (the thunk's sys.stdout), so that a thunk can print
+    a prompt without a newline and then wait for the answer; a read that
+    its buffer serves flushes nothing.  readline() (and so iteration and
+    readlines()) is capped at max_line bytes (None: no cap), the line end
+    (LF or CRLF) not counted.  A line too long raises LineTooLong; the rest
+    of it, to its LF, is dropped before the next read returns anything, as
+    is the LF of a CRLF whose CR ended sys.stdin's last line (see drop):
+    each read starts where the last line of either layer ended.
     """
 
-    max_line: Optional[int] = None
-    line_timeout: Optional[float] = None  # seconds a line may take to come
+    # Slots, not the instance dict: read on every line, they cost less so.
+    __slots__ = ("max_line", "line_timeout", "output", "drop", "waits",
+                 "at_eof")
 
-    def __init__(self, raw: _SocketReader, size: int) -> None:
+    def __init__(self, raw: io.RawIOBase, size: int,
+                 output: io.TextIOBase) -> None:
         super().__init__(raw, size)
-        self.source = raw
+        self.max_line: Optional[int] = None
+        self.line_timeout: Optional[float] = None  # seconds a line may take
+        self.output = output
         self.drop = _KEEP
+        # May the next read find the buffer empty, and so wait for the
+        # client?  Each read that knows what it left in the buffer says.
+        self.waits = True
+        self.at_eof = False  # the last read found the client's input ended
+
+    def flush_output(self) -> None:
+        """Flush the connection's output, unless the thunk closed it."""
+        if not self.output.closed:
+            self.output.flush()
+
+    def look(self) -> bytes:
+        """Return what the buffer holds, without taking it: if it holds
+        nothing, flush the output and read once (b"": the input ended)."""
+        if self.waits:
+            self.flush_output()
+        data = _peek(self)
+        self.waits = self.at_eof = not data
+        return data
+
+    def take(self, count: int, held: int) -> bytes:
+        """Take count bytes of the held ones that look() returned."""
+        self.waits = count == held
+        return _read(self, count)
 
     def dropped(self) -> None:
         """Drop what drop says, reading as far as that needs."""
         while self.drop:
-            data = io.BufferedReader.peek(self)
+            data = self.look()
             if self.drop == _AN_LF or not data:
                 if data.startswith(b"\n"):
-                    io.BufferedReader.read(self, 1)
+                    self.take(1, len(data))
                 self.drop = _KEEP
                 continue
             end = _line_end(data, self.drop == _TO_LINE_END)
-            io.BufferedReader.read(self, len(data) if end < 0 else end + 1)
+            self.take(len(data) if end < 0 else end + 1, len(data))
             if end >= 0:
                 self.drop = _AN_LF if data[end] == 13 else _KEEP
 
@@ -1200,11 +1244,11 @@ class _BinaryReader(io.BufferedReader):
         if (size is None or size < 0) and not self.drop and self.line_timeout is None:
             # The common case in this one call: a whole line in what the
             # buffer holds, or one read brings.
-            data = io.BufferedReader.peek(self)
+            data = self.look()
             end = data.find(b"\n")
             if end >= 0 and (self.max_line is None or end - (data[end - 1:end] == b"\r")
                              <= self.max_line):
-                return io.BufferedReader.read(self, end + 1)
+                return self.take(end + 1, len(data))
         return self.timed(self._read_line, size)
 
     def timed(self, read_line: Callable[[Optional[int]], _Line],
@@ -1213,7 +1257,9 @@ class _BinaryReader(io.BufferedReader):
         line_timeout if one is set."""
         if self.line_timeout is None:
             return read_line(size)
-        with self.source.line_due(self.line_timeout):
+        source = self.raw
+        assert isinstance(source, _SocketReader)  # see _raw_reader()
+        with source.line_due(self.line_timeout):
             return read_line(size)
 
     def _read_line(self, size: Optional[int]) -> bytes:
@@ -1232,12 +1278,13 @@ class _BinaryReader(io.BufferedReader):
         midline = False  # bytes of the line are taken, its end is not
         try:
             while room > 0:
-                data = io.BufferedReader.peek(self)[:room]
+                held = self.look()
+                data = held[:room]
                 if not data:
                     break
                 end = data.find(b"\n")
                 piece = data if end < 0 else data[:end + 1]
-                io.BufferedReader.read(self, len(piece))
+                self.take(len(piece), len(held))
                 midline = end < 0
                 pieces.append(piece)
                 length += len(piece)
@@ -1262,27 +1309,46 @@ class _BinaryReader(io.BufferedReader):
     def read(self, size: Optional[int] = -1) -> bytes:
         if self.drop:
             self.dropped()
+        if size == 0:
+            return b""
+        if size is not None and size > 0 and not self.waits:
+            held = _peek(self)  # what is buffered, no read
+            if size <= len(held):
+                return self.take(size, len(held))
+        self.flush_output()  # more than the buffer holds: the read may wait
+        self.waits = True
         return super().read(size)
 
     def read1(self, size: int = -1) -> bytes:
         if self.drop:
             self.dropped()
+        if size == 0:
+            return b""
+        if not self.waits:
+            held = _peek(self)  # what is buffered, no read
+            return self.take(len(held) if size < 0 else min(size, len(held)),
+                             len(held))
+        self.flush_output()  # one read, which may wait
         return super().read1(size)
 
     def readinto(self, buffer: Any) -> int:
-        if self.drop:
-            self.dropped()
-        return super().readinto(buffer)
+        return self._copied(self.read, buffer)
 
     def readinto1(self, buffer: Any) -> int:
-        if self.drop:
-            self.dropped()
-        return super().readinto1(buffer)
+        return self._copied(self.read1, buffer)
+
+    @staticmethod
+    def _copied(read: Callable[[int], bytes], buffer: Any) -> int:
+        """Fill buffer with what read(its length) returns; return the count."""
+        view = memoryview(buffer).cast("B")
+        data = read(len(view))
+        view[:len(data)] = data
+        return len(data)
 
     def peek(self, size: int = 0) -> bytes:
         if self.drop:
             self.dropped()
-        return super().peek(size)
+        return self.look()
 
 
 def _cr_is_a_byte(encoding: str) -> bool:
@@ -1304,11 +1370,13 @@ class _TextReader(io.TextIOBase):
     before the next read returns anything.
     """
 
-    max_line: Optional[int] = None
+    __slots__ = ("max_line", "_binary", "_encoding", "_errors", "_decoder",
+                 "_pending")  # as _BinaryReader's
 
     def __init__(self, binary: _BinaryReader, encoding: str,
                  errors: str) -> None:
         super().__init__()
+        self.max_line: Optional[int] = None
         self._binary = binary
         self._encoding = encoding
         self._errors = errors
@@ -1342,18 +1410,26 @@ class _TextReader(io.TextIOBase):
         if ((size is None or size < 0) and not binary.drop and not self._pending
                 and binary.line_timeout is None):
             # The common case in this one call, input()'s: a whole line,
-            # ended by LF alone, in what the buffer holds or one read
-            # brings.  Anything else, the general path.
-            data = io.BufferedReader.peek(binary)
+            # ended by LF or CRLF, in what the buffer holds or one read
+            # brings.  Anything else, the general path.  (binary.look()
+            # and take(), written out.)
+            output = binary.output
+            if binary.waits and not output.closed:
+                output.flush()
+            data = _peek(binary)
             end = data.find(b"\n")
-            if end >= 0 and data.find(b"\r", 0, end) < 0:
+            line = data[:end]
+            if line[-1:] == b"\r":
+                line = line[:-1]  # a CRLF
+            if end >= 0 and 13 not in line:  # no CR: 13, not b"\r", is C alone
                 try:
-                    text = data[:end].decode(self._encoding, self._errors)
+                    text = line.decode(self._encoding, self._errors)
                 except UnicodeDecodeError:
                     pass  # the general path raises it, and drops the line
                 else:
                     if self.max_line is None or len(text) <= self.max_line:
-                        io.BufferedReader.read(binary, end + 1)
+                        binary.waits = end + 1 == len(data)
+                        _read(binary, end + 1)
                         return text + "\n"
         return binary.timed(self._read_line, size)
 
@@ -1375,21 +1451,21 @@ class _TextReader(io.TextIOBase):
         midline = False  # bytes of the line are taken, its end is not
         try:
             while room > 0:
-                data = io.BufferedReader.peek(binary)
+                data = binary.look()
                 if not data:
                     pieces.append(self._decoded(b"", True))
                     break
                 # Each byte is at most one character: room bytes are enough.
                 end = _line_end(data[:room], True)
                 if end >= 0:
-                    io.BufferedReader.read(binary, self._line_end_taken(data, end))
+                    binary.take(self._line_end_taken(data, end), len(data))
                     midline = False
                     text = self._decoded(data[:end], True)
                     if self.max_line is not None and length + len(text) > self.max_line:
                         raise _too_long(self.max_line, "characters")
                     return "".join(pieces) + text + "\n"
                 piece = data[:room]
-                io.BufferedReader.read(binary, len(piece))
+                binary.take(len(piece), len(data))
                 midline = True
                 text = self._decoded(piece, False)
                 pieces.append(text)
@@ -1427,15 +1503,11 @@ class _TextReader(io.TextIOBase):
     def read(self, size: Optional[int] = -1) -> str:
         binary = self._binary
         if size is None or size < 0:
-            if binary.drop:
-                binary.dropped()
-            return self._translated(io.BufferedReader.read(binary), True)
+            return self._translated(binary.read(), True)
         pieces: List[str] = []
         room = size
         while room > 0:
-            if binary.drop:
-                binary.dropped()
-            data = io.BufferedReader.read1(binary, room)
+            data = binary.read1(room)
             text = self._translated(data, not data)
             if not data:
                 pieces.append(text)
@@ -1609,11 +1681,12 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     def rfile(self) -> _BinaryReader:  # type: ignore[override]
         """The binary input stream, sys.stdin.buffer (made on first use)."""
         if self._rfile is None:
-            self._reader = _raw_reader(self.connection, self.stdout,
-                                       self._timeout)
-            rfile = _BinaryReader(self._reader, _buffer_size(self.rbufsize))
+            line_timeout = _wait_time(self.server.line_timeout)
+            rfile = _BinaryReader(
+                _raw_reader(self.connection, self._timeout, line_timeout),
+                _buffer_size(self.rbufsize), self.stdout)
             rfile.max_line = self.server.max_line
-            rfile.line_timeout = _wait_time(self.server.line_timeout)
+            rfile.line_timeout = line_timeout
             self._rfile = rfile
         return self._rfile
 
@@ -1648,7 +1721,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
                 assert thunk is not None  # check_settings() saw to that
                 thunk()
             except EOFError as exc:
-                if not (self._rfile is not None and self._reader.at_eof
+                if not (self._rfile is not None and self._rfile.at_eof
                         and exc.args == _INPUT_EOF):
                     raise  # not input() at the end of the client's input
             finally:

@@ -913,6 +913,60 @@ class TestStreams(ServerTestCase):
             sock.sendall(b"two\n")
             self.assertEqual(read_all(sock), b"name two\n")
 
+    def test_a_read_that_waits_flushes_the_output_first(self):
+        # Block-buffered output leaves when a read has to wait for the
+        # client (or when the thunk returns): each prompt must reach the
+        # client before the thunk waits for the answer, whichever read it
+        # waits in, and whatever reads the socket (a FileIO; the socket's
+        # own calls, with an idle or a line timeout).
+        class BlockBuffered(tcpserver.ThunkHandler):
+            line_buffering = False
+
+        def peek_then_read():
+            data = sys.stdin.buffer.peek()
+            return data, sys.stdin.buffer.read(len(data))
+
+        def readinto():
+            buffer = bytearray(4)
+            return sys.stdin.buffer.readinto(buffer), bytes(buffer)
+
+        steps = [  # (read, what the client sends, what read() returns)
+            (lambda: sys.stdin.readline(), b"one\n", "one\n"),
+            (lambda: sys.stdin.readline(), b"two\r\n", "two\n"),
+            (input, b"three\n", "three"),
+            (lambda: sys.stdin.read(4), b"four", "four"),
+            (lambda: sys.stdin.buffer.read(4), b"five", b"five"),
+            (lambda: sys.stdin.buffer.read1(100), b"six", b"six"),
+            (lambda: sys.stdin.buffer.readline(), b"seven\n", b"seven\n"),
+            (peek_then_read, b"eight", (b"eight", b"eight")),
+            (readinto, b"nine", (4, b"nine")),
+            (lambda: next(sys.stdin), b"ten\n", "ten\n"),
+            (lambda: next(sys.stdin.buffer), b"eleven\n", b"eleven\n"),
+        ]
+
+        def thunk():
+            for number, (read, _, _) in enumerate(steps):
+                sys.stdout.write("%d?" % number)
+                sys.stdout.write(repr(read()) + ";")
+
+        expected = "".join("%d?%r;" % (number, result)
+                           for number, (_, _, result) in enumerate(steps))
+        for settings in ({}, {"idle_timeout": TIMEOUT}, {"line_timeout": TIMEOUT}):
+            with self.subTest(**settings):
+                server = self.serve(tcpserver.ThreadingTCPServer(
+                    ("127.0.0.1", 0), BlockBuffered, thunk=thunk, **settings))
+                with self.connect(server) as sock:
+                    received = b""
+                    for number, (_, data, _) in enumerate(steps):
+                        while not received.endswith(b"%d?" % number):
+                            chunk = sock.recv(4096)  # times out if not flushed
+                            self.assertTrue(chunk, received)
+                            received += chunk
+                        sock.sendall(data)
+                    sock.shutdown(socket.SHUT_WR)
+                    received += read_all(sock)
+                self.assertEqual(received.decode(), expected)
+
     def test_each_line_leaves_at_once(self):
         release = threading.Event()
 
