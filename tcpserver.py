@@ -984,6 +984,25 @@ class _SocketWriter(io.RawIOBase):
         return self._sock.fileno()
 
 
+class _DescriptorWriter(_SocketWriter):
+    """_SocketWriter for a socket with a timeout, whose descriptor is
+    non-blocking, where descriptors are files: os.write() first, which
+    costs one system call where send() with a timeout first polls, and a
+    wait for room only when there is none."""
+
+    def write(self, data: Any) -> int:
+        descriptor = self._sock.fileno()
+        try:
+            return os.write(descriptor, data)
+        except BlockingIOError:
+            pass
+        timeout = self._sock.gettimeout()
+        if not _ready(self._sock, False, timeout):
+            raise IdleTimeout("the client read nothing for %s seconds"
+                              % (timeout,))
+        return os.write(descriptor, data)
+
+
 # Bytes a connection with an idle timeout keeps queued and not yet sent, at
 # most (TCP_NOTSENT_LOWAT).  Without that bound the kernel grows the send
 # queue to megabytes and reports room in it only once half of it is gone:
@@ -1134,14 +1153,15 @@ def _raw_writer(sock: socket.socket, timeout: Optional[float]
 
     A plain blocking socket gets a FileIO on its descriptor: write() in C,
     no Python call per flush.  A socket with a timeout (whose descriptor is
-    non-blocking), a TLS socket, or any socket where descriptors are not
-    files needs the socket's own send().
+    non-blocking) needs a wait for room when there is none; a TLS socket,
+    or any socket where descriptors are not files, its own send().
     """
     if _is_tls(sock):
         return _TLSWriter(sock, timeout)
-    if (_SOCKETS_ARE_FILES and type(sock) is socket.socket
-            and timeout is None):
-        return io.FileIO(sock.fileno(), "wb", closefd=False)
+    if _SOCKETS_ARE_FILES and type(sock) is socket.socket:
+        if timeout is None:
+            return io.FileIO(sock.fileno(), "wb", closefd=False)
+        return _DescriptorWriter(sock)
     return _SocketWriter(sock)
 
 
