@@ -712,10 +712,11 @@ class _ThreadStream(threading.local):
     __getattr__ would slow down every lookup, print()'s included.
 
     It is a threading.local so that a thread running a thunk can keep the
-    connection's write, flush and buffer (sys.stdout), or readline and
-    fileno (sys.stdin, from its first readline() on: made on first use),
-    in its own attribute dict: print() and input() then find them with no
-    Python call in between.
+    connection's write, flush and buffer (sys.stdout, from its first
+    write() on), or readline and fileno (sys.stdin, from its first
+    readline() on), in its own attribute dict: print() and input() then
+    find them with no Python call in between.  Until then the streams are
+    not made, and flushing a sys.stdout nothing was written to makes none.
     """
 
     _SHORTCUTS = {"stdout": ("write", "flush", "buffer"),
@@ -751,10 +752,21 @@ class _ThreadStream(threading.local):
 
     def write(self, text: str) -> int:
         stream = self._current()
-        return len(text) if stream is None else stream.write(text)
+        if stream is None:
+            return len(text)
+        if _bound.handler is not None:  # a thunk's stdout, made by now
+            self.bind(stream)
+        count: int = stream.write(text)
+        return count
 
     def flush(self) -> None:
-        stream = self._current()
+        handler = _bound.handler
+        if handler is None:
+            stream = self._fallback
+        elif self._name == "stdout":
+            stream = handler._made_output()  # input() flushes before a print()
+        else:
+            stream = handler.stdin
         if stream is not None:
             stream.flush()
 
@@ -820,14 +832,12 @@ class _StreamSwitch:
         self._lock = threading.Lock()
         self._users = 0
         self._streams: List[_ThreadStream] = []
-        self._stdout: Optional[_ThreadStream] = None
 
     def __enter__(self) -> "_StreamSwitch":
         with self._lock:
             if self._users == 0:
-                self._stdout = _ThreadStream("stdout", sys.stdout)
                 self._streams = [_ThreadStream("stdin", sys.stdin),
-                                 self._stdout]
+                                 _ThreadStream("stdout", sys.stdout)]
                 for stream in self._streams:
                     setattr(sys, stream._name, stream)
             self._users += 1
@@ -842,17 +852,9 @@ class _StreamSwitch:
                         setattr(sys, stream._name, stream._fallback)
                 self._streams = []
 
-    def bind(self, stdout: io.TextIOWrapper) -> None:
-        """Send the calling thread's print() straight to stdout.
-
-        Only while a reference is held; unbind() before giving it back.
-        """
-        assert self._stdout is not None, "bind() outside the switch's with"
-        self._stdout.bind(stdout)
-
     def unbind(self) -> None:
-        """Undo bind() for the calling thread, and drop the shortcuts its
-        sys.stdin took (see _ThreadStream.readline())."""
+        """Drop the shortcuts the calling thread's sys.stdin and sys.stdout
+        took (see _ThreadStream): before the thread gives its reference back."""
         for stream in self._streams:
             stream.unbind()
 
@@ -1216,11 +1218,11 @@ class _BinaryReader(io.BufferedReader):
                  "at_eof")
 
     def __init__(self, raw: io.RawIOBase, size: int,
-                 output: io.TextIOBase) -> None:
+                 output: Optional[io.IOBase]) -> None:
         super().__init__(raw, size)
         self.max_line: Optional[int] = None
         self.line_timeout: Optional[float] = None  # seconds a line may take
-        self.output = output
+        self.output = output  # None until the thunk writes
         self.drop = _KEEP
         # May the next read find the buffer empty, and so wait for the
         # client?  Each read that knows what it left in the buffer says.
@@ -1228,9 +1230,11 @@ class _BinaryReader(io.BufferedReader):
         self.at_eof = False  # the last read found the client's input ended
 
     def flush_output(self) -> None:
-        """Flush the connection's output, unless the thunk closed it."""
-        if not self.output.closed:
-            self.output.flush()
+        """Flush the connection's output, unless there is none yet or the
+        thunk closed it."""
+        output = self.output
+        if output is not None and not output.closed:
+            output.flush()
 
     def look(self) -> bytes:
         """Return what the buffer holds, without taking it: if it holds
@@ -1434,7 +1438,7 @@ class _TextReader(io.TextIOBase):
             # brings.  Anything else, the general path.  (binary.look()
             # and take(), written out.)
             output = binary.output
-            if binary.waits and not output.closed:
+            if binary.waits and output is not None and not output.closed:
                 output.flush()
             data = _peek(binary)
             end = data.find(b"\n")
@@ -1639,11 +1643,13 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     - line_buffering: True flushes at every newline; False buffers output
       in blocks of wbufsize bytes, for bulk output.
     - rbufsize: size in bytes of the input buffer, which both layers read
-      through, 1024: an idle connection holds little.
+      through, 512: the largest Python's own allocator serves, so an idle
+      connection holds little.
     - wbufsize: size in bytes of the binary output buffer,
       io.DEFAULT_BUFFER_SIZE: sys.stdout.buffer.write() of short records
-      goes out in blocks of that size.  For both, socketserver's values
-      mean what they mean there: -1 the default size, 0 unbuffered.
+      goes out in blocks of that size.  It is made at the first output.
+      For both, socketserver's values mean what they mean there: -1 the
+      default size, 0 unbuffered.
     - timeout, disable_nagle_algorithm: as in StreamRequestHandler; Nagle
       is disabled so a flushed line leaves at once.
 
@@ -1651,7 +1657,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     a value no connection could be served with fails before any does.
 
     Instance variables: those of StreamRequestHandler, plus local_address,
-    stdin and stdout.
+    stdin and stdout; the four streams are made on first use.
     """
 
     encoding = "utf-8"
@@ -1659,7 +1665,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
     encode_errors = "strict"
     newline = "\n"
     line_buffering = True
-    rbufsize = 1024
+    rbufsize = 512
     wbufsize = io.DEFAULT_BUFFER_SIZE
     disable_nagle_algorithm = True
 
@@ -1684,18 +1690,45 @@ class ThunkHandler(socketserver.StreamRequestHandler):
             # however steadily the client moves, and a blocking one none
             # at all: the streams wait instead.
             self.connection.settimeout(0.0)
-        unbuffered = self.wbufsize == 0  # socketserver's meaning
-        self.wfile = (_UnbufferedWriter if unbuffered else io.BufferedWriter)(
-            _raw_writer(self.connection, self._timeout),
-            _buffer_size(self.wbufsize))
-        self.stdout = io.TextIOWrapper(self.wfile, encoding=self.encoding,
-                                       errors=self.encode_errors,
-                                       newline=self.newline,
-                                       line_buffering=self.line_buffering,
-                                       write_through=unbuffered)
-        # Made on first use: many thunks never read.
+        # Each stream is made on first use: a connection waiting for its
+        # client's first line holds no output buffer, and many thunks
+        # never read.
+        self._wfile: Optional[io.BufferedWriter] = None
+        self._stdout: Optional[io.TextIOWrapper] = None
         self._rfile: Optional[_BinaryReader] = None
         self._stdin: Optional[_TextStdin] = None
+
+    @property
+    def wfile(self) -> io.BufferedWriter:  # type: ignore[override]
+        """The binary output stream, sys.stdout.buffer (made on first use)."""
+        if self._wfile is None:
+            writer = (_UnbufferedWriter if self.wbufsize == 0  # socketserver's meaning
+                      else io.BufferedWriter)
+            self._wfile = writer(_raw_writer(self.connection, self._timeout),
+                                 _buffer_size(self.wbufsize))
+            self._output_made()
+        return self._wfile
+
+    @property
+    def stdout(self) -> io.TextIOWrapper:
+        """The text output stream, the thunk's sys.stdout (made on first use)."""
+        if self._stdout is None:
+            self._stdout = io.TextIOWrapper(
+                self.wfile, encoding=self.encoding, errors=self.encode_errors,
+                newline=self.newline, line_buffering=self.line_buffering,
+                write_through=self.wbufsize == 0)
+            self._output_made()
+        return self._stdout
+
+    def _made_output(self) -> Optional[io.IOBase]:
+        """Return the outer output stream made so far: stdout, else wfile,
+        else None (nothing written yet, nothing to flush)."""
+        return self._stdout if self._stdout is not None else self._wfile
+
+    def _output_made(self) -> None:
+        """Have reads flush the output stream just made (see _BinaryReader)."""
+        if self._rfile is not None:
+            self._rfile.output = self._made_output()
 
     @property
     def rfile(self) -> _BinaryReader:  # type: ignore[override]
@@ -1704,7 +1737,7 @@ class ThunkHandler(socketserver.StreamRequestHandler):
             line_timeout = _wait_time(self.server.line_timeout)
             rfile = _BinaryReader(
                 _raw_reader(self.connection, self._timeout, line_timeout),
-                _buffer_size(self.rbufsize), self.stdout)
+                _buffer_size(self.rbufsize), self._made_output())
             rfile.max_line = self.server.max_line
             rfile.line_timeout = line_timeout
             self._rfile = rfile
@@ -1735,7 +1768,6 @@ class ThunkHandler(socketserver.StreamRequestHandler):
         """Call the thunk with this thread's standard streams bound, then flush."""
         with _switch:
             _bound.handler = self
-            _switch.bind(self.stdout)
             try:
                 thunk = self.server.thunk
                 assert thunk is not None  # check_settings() saw to that
@@ -1747,13 +1779,16 @@ class ThunkHandler(socketserver.StreamRequestHandler):
             finally:
                 _switch.unbind()
                 _bound.handler = None
-        if not self.stdout.closed:  # the thunk may have closed it: done then
-            self.stdout.flush()
+        output = self._made_output()
+        if output is not None and not output.closed:  # closed by the thunk: done
+            output.flush()
 
     def finish(self) -> None:
         """Flush what is left and close the streams; the server closes the socket."""
+        output = self._made_output()
         try:
-            self.stdout.close()
+            if output is not None:
+                output.close()
         except OSError:
             pass  # the client is gone; the server has been told by now
         if self._stdin is not None:

@@ -1275,6 +1275,38 @@ class TestStreams(ServerTestCase):
         self.stop(server)
         self.assertIsNone(sys.stdout)
 
+    def test_streams_are_made_on_first_use(self):
+        # An idle connection waiting for its client's first line holds no
+        # output buffer; sys.stdout.flush(), which input() calls, makes none.
+        seen = []
+
+        def thunk():
+            handler = tcpserver.current_connection()
+            seen.append(handler._made_output())
+            sys.stdout.flush()
+            line = input()
+            seen.append(handler._made_output())
+            print(line.upper())
+            seen.append(handler._made_output() is handler.stdout)
+
+        server = self.start(thunk)
+        self.assertEqual(self.talk(server, b"first\n"), b"FIRST\n")
+        self.stop(server)
+        self.assertEqual(seen, [None, None, True])
+
+    def test_binary_output_alone_is_flushed_before_a_read_waits(self):
+        def thunk():
+            handler = tcpserver.current_connection()
+            handler.wfile.write(b"name? ")  # buffered: leaves when the read waits
+            line = handler.rfile.readline()
+            handler.wfile.write(b"hello " + line)  # leaves at the return
+
+        server = self.start(thunk)
+        with self.connect(server) as sock:
+            self.assertEqual(read_exactly(sock, 6), b"name? ")
+            sock.sendall(b"you\n")
+            self.assertEqual(read_all(sock), b"hello you\n")
+
     def test_thunk_may_close_its_stdout(self):
         stderr = self.capture("stderr")
 
