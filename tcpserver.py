@@ -852,6 +852,14 @@ class _StreamSwitch:
                         setattr(sys, stream._name, stream._fallback)
                 self._streams = []
 
+    def bind(self, stdout: io.TextIOWrapper) -> None:
+        """Give the calling thread's sys.stdout the shortcuts to stdout, a
+        thunk's, just made (see _ThreadStream): print() and
+        sys.stdout.buffer find it with no Python call from now on."""
+        for stream in self._streams:
+            if stream._name == "stdout":
+                stream.bind(stdout)
+
     def unbind(self) -> None:
         """Drop the shortcuts the calling thread's sys.stdin and sys.stdout
         took (see _ThreadStream): before the thread gives its reference back."""
@@ -1718,6 +1726,8 @@ class ThunkHandler(socketserver.StreamRequestHandler):
                 newline=self.newline, line_buffering=self.line_buffering,
                 write_through=self.wbufsize == 0)
             self._output_made()
+            if _bound.handler is self:  # in the thunk's own thread
+                _switch.bind(self._stdout)
         return self._stdout
 
     def _made_output(self) -> Optional[io.IOBase]:
