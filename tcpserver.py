@@ -2287,13 +2287,8 @@ class _RequestThreads:
                     return  # spare threads enough: end
                 # A hand-out of the lead is under way, and may fail (no
                 # thread can start): then the lead falls vacant, and this
-                # thread may be the only one left to take it.  It stays as
-                # a spare past max_spare_threads, where waiting for the
-                # outcome would cost each hand-out a wake-up; with no
-                # spares at all, it waits.
-                if self.server.max_spare_threads > 0:
-                    break
-                loop.handed.wait()
+                # thread may be the only one left to take it.
+                loop.vacated.wait()
             self.spare.append(worker)
             self.slots.freed.notify()  # for wait_for_spare(), if it waits
         lifetime = _wait_time(self.server.spare_thread_lifetime)
@@ -2383,9 +2378,6 @@ class _AcceptLoop:
         self.led = False       # run_led() runs, with threads leading
         self.lead_out = False  # a thread has the lead, or is being handed it
         self.handing_out = False  # hand_out() is under way
-        # Notified when a hand-out ends, for wait_for_job() alone: vacated
-        # wakes serve_forever()'s thread, which must not wake for each one.
-        self.handed = threading.Condition(self.slots.lock)
         self.vacated = threading.Condition(self.slots.lock)  # lead_out fell
         self.failure: Optional[BaseException] = None  # a leader's, to raise
 
@@ -2543,31 +2535,32 @@ class _AcceptLoop:
                                "at a time")
 
     def hand_out(self) -> bool:
-        """Hand the lead on (lead_out is set) to a spare request thread, or
-        to a new one.  If no thread took it (none can start), or an
-        exception (KeyboardInterrupt) came first, the lead falls vacant.
-        Returns whether a thread took it."""
-        threads = self.server._request_threads
-        with self.slots.lock:
-            spare = threads.take_spare()
-            # A thread start may fail: wait_for_job() keeps the threads that
-            # turn free meanwhile, for the lead that would fall vacant.
-            self.handing_out = spare is None
+        """Hand the lead on (lead_out is set): pass_lead().  If no thread
+        took it, or an exception (KeyboardInterrupt) came first, the lead
+        falls vacant.  Returns whether a thread took it."""
         handed = False
+        with self.slots.lock:
+            self.handing_out = True
         try:
-            if spare is not None:
-                spare.hand(_LEAD)
-                handed = True
-            else:
-                handed = threads.try_start(_LEAD)
+            handed = self.pass_lead()
         finally:
             if not handed:
                 self.return_lead()
-            if spare is None:
-                with self.slots.lock:
-                    self.handing_out = False
-                    self.handed.notify_all()
+            with self.slots.lock:
+                self.handing_out = False
+                self.vacated.notify_all()  # for wait_for_job()
         return handed
+
+    def pass_lead(self) -> bool:
+        """Hand the lead to a spare request thread, or to a new one;
+        return False if no thread could take it (none can start)."""
+        threads = self.server._request_threads
+        with self.slots.lock:
+            spare = threads.take_spare()
+        if spare is not None:
+            spare.hand(_LEAD)
+            return True
+        return threads.try_start(_LEAD)
 
     def lead(self) -> None:
         """A request thread's turn as the leader: wait for connections and
