@@ -738,10 +738,10 @@ class _ThreadStream(threading.local):
         own = vars(self)
         for name in self._SHORTCUTS[self._name]:
             own[name] = getattr(stream, name)
-        if "fileno" in own:
-            # input() asks for it at every call: the binary stream's is C
-            # down to the descriptor where the connection reads through a
-            # FileIO.
+        if self._name == "stdin":
+            # input() asks for fileno at every call: the binary stream's is
+            # C down to the descriptor where the connection reads through a
+            # FileIO, the text stream's a Python call.
             own["fileno"] = stream.buffer.fileno
 
     def unbind(self) -> None:
